@@ -1,0 +1,226 @@
+"""Engine configuration: dataclasses built once from CLI flags, `LLM(...)` options or a checkpoint.
+
+`ModelConfig` normalises the four supported Hugging Face config families (Llama, GPT-J, GPT-NeoX,
+GPT-2) into one set of field names, so model code and the engine never re-read `config.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gptserve.errors import ModelLoadError
+
+# Hugging Face `model_type` -> our architecture name.
+ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "gptj": "gptj",
+    "gpt_neox": "gpt_neox",
+    "gpt2": "gpt2",
+}
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Turn a user-facing dtype name ("fp16", "bfloat16", ...) into a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of fp32, fp16, bf16") from None
+
+
+@dataclass
+class ModelConfig:
+    """Shape and hyper-parameters of a decoder-only transformer, architecture-neutral."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    rotary_dim: int = 0
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    use_parallel_residual: bool = True
+    activation: str = "gelu_new"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` dictionary."""
+        model_type = cfg.get("model_type")
+        arch = ARCHITECTURES.get(model_type or "")
+        if arch is None:
+            raise ModelLoadError(
+                f"unsupported architecture model_type={model_type!r} "
+                f"(architectures={cfg.get('architectures')}); supported: {sorted(ARCHITECTURES)}"
+            )
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        common = dict(bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, hf_config=cfg)
+        try:
+            if arch == "llama":
+                heads = cfg["num_attention_heads"]
+                head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+                return cls(
+                    architecture=arch,
+                    vocab_size=cfg["vocab_size"],
+                    hidden_size=cfg["hidden_size"],
+                    num_layers=cfg["num_hidden_layers"],
+                    num_heads=heads,
+                    num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                    head_dim=head_dim,
+                    intermediate_size=cfg["intermediate_size"],
+                    max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                    norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                    rotary_dim=head_dim,
+                    rope_theta=_rope_theta(cfg, 10000.0),
+                    rope_scaling=_rope_scaling(cfg),
+                    tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                    activation=cfg.get("hidden_act", "silu"),
+                    attention_bias=cfg.get("attention_bias", False),
+                    mlp_bias=cfg.get("mlp_bias", False),
+                    **common,
+                )
+            if arch == "gptj":
+                heads = cfg["n_head"]
+                hidden = cfg["n_embd"]
+                return cls(
+                    architecture=arch,
+                    vocab_size=cfg["vocab_size"],
+                    hidden_size=hidden,
+                    num_layers=cfg["n_layer"],
+                    num_heads=heads,
+                    num_kv_heads=heads,
+                    head_dim=hidden // heads,
+                    intermediate_size=cfg.get("n_inner") or 4 * hidden,
+                    max_position_embeddings=cfg.get("n_positions", 2048),
+                    norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                    rotary_dim=cfg.get("rotary_dim") or hidden // heads,
+                    rope_theta=10000.0,
+                    tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                    activation=cfg.get("activation_function", "gelu_new"),
+                    **common,
+                )
+            if arch == "gpt_neox":
+                heads = cfg["num_attention_heads"]
+                hidden = cfg["hidden_size"]
+                head_dim = hidden // heads
+                return cls(
+                    architecture=arch,
+                    vocab_size=cfg["vocab_size"],
+                    hidden_size=hidden,
+                    num_layers=cfg["num_hidden_layers"],
+                    num_heads=heads,
+                    num_kv_heads=heads,
+                    head_dim=head_dim,
+                    intermediate_size=cfg["intermediate_size"],
+                    max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                    norm_eps=cfg.get("layer_norm_eps", 1e-5),
+                    rotary_dim=int(head_dim * cfg.get("rotary_pct", _neox_partial_rotary(cfg))),
+                    rope_theta=_rope_theta(cfg, cfg.get("rotary_emb_base", 10000.0)),
+                    rope_scaling=_rope_scaling(cfg),
+                    tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                    use_parallel_residual=cfg.get("use_parallel_residual", True),
+                    activation=cfg.get("hidden_act", "gelu"),
+                    attention_bias=cfg.get("attention_bias", True),
+                    **common,
+                )
+            # gpt2
+            heads = cfg["n_head"]
+            hidden = cfg["n_embd"]
+            return cls(
+                architecture=arch,
+                vocab_size=cfg["vocab_size"],
+                hidden_size=hidden,
+                num_layers=cfg["n_layer"],
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                intermediate_size=cfg.get("n_inner") or 4 * hidden,
+                max_position_embeddings=cfg.get("n_positions", 1024),
+                norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+                activation=cfg.get("activation_function", "gelu_new"),
+                attention_bias=True,
+                mlp_bias=True,
+                **common,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json for {model_type} lacks the field {e.args[0]!r}") from None
+
+
+def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    params = cfg.get("rope_parameters")
+    return params if isinstance(params, dict) else {}
+
+
+def _rope_theta(cfg: dict[str, Any], default: float) -> float:
+    return float(cfg.get("rope_theta") or _rope_parameters(cfg).get("rope_theta") or default)
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = cfg.get("rope_scaling") or _rope_parameters(cfg) or None
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    return None if kind == "default" else dict(scaling, rope_type=kind)
+
+
+def _neox_partial_rotary(cfg: dict[str, Any]) -> float:
+    return float(_rope_parameters(cfg).get("partial_rotary_factor", 0.25))
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size and the byte budget (or block count) of the one allocation."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = default budget for the device
+    num_blocks: int | None = None  # overrides the byte budget (tests)
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine core needs, resolved once."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: torch.device
+    dtype: torch.dtype
+    seed: int = 0

@@ -1,0 +1,145 @@
+"""Builds a ready `LLMEngine` from a model path and engine options (the serve flags, snake case)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from gptserve.engine.llm_engine import LLMEngine
+from gptserve.engine.model_runner import kv_bytes_per_token
+from gptserve.errors import GptServeError
+from gptserve.loading.checkpoint import load_checkpoint
+from gptserve.models.registry import model_class
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+DEFAULT_CPU_KV_CACHE_BYTES = 1 * GiB
+
+
+@dataclass
+class EngineOptions:
+    """User-facing engine options; each mirrors a `gptserve serve` flag."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int | float | str | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = None
+    seed: int = 0
+    tensor_parallel_size: int = 1
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """'4GiB', '512MiB', '2.5' (GiB) or a plain byte count -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value * GiB)
+    text = value.strip().lower().replace(" ", "")
+    units = {"gib": GiB, "gb": 10**9, "mib": 1 << 20, "mb": 10**6, "kib": 1 << 10, "kb": 10**3, "b": 1}
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * scale)
+    number = float(text)
+    return int(number) if number >= 1 << 20 else int(number * GiB)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptServeError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return parse_dtype(name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_engine(model: str | Path | None = None, options: EngineOptions | None = None) -> LLMEngine:
+    """Load the checkpoint at `model` (None = the embedded default) and size the KV cache."""
+    opts = options or EngineOptions()
+    if opts.tensor_parallel_size != 1:
+        raise GptServeError("tensor_parallel_size > 1 is not supported yet")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    checkpoint = load_checkpoint(model)
+    model_config = ModelConfig.from_hf(checkpoint.hf_config)
+    with _default_dtype(dtype), torch.device(device):
+        net = model_class(model_config)(model_config)
+    net.load_weights(checkpoint.weights())
+    net.eval()
+
+    max_model_len = opts.max_model_len or model_config.max_position_embeddings
+    if max_model_len > model_config.max_position_embeddings and model_config.architecture == "gpt2":
+        raise GptServeError(
+            f"max_model_len {max_model_len} exceeds GPT-2's "
+            f"{model_config.max_position_embeddings} learned positions"
+        )
+    per_token = kv_bytes_per_token(model_config, dtype)
+    block_bytes = per_token * opts.block_size
+    if opts.num_kv_blocks is not None:
+        num_blocks = opts.num_kv_blocks
+    else:
+        budget = parse_bytes(opts.kv_cache_memory) or DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = budget // block_bytes
+    capacity = num_blocks * opts.block_size
+    if capacity < max_model_len and opts.num_kv_blocks is None:
+        raise GptServeError(
+            f"the KV cache holds {capacity} tokens ({num_blocks * block_bytes / GiB:.2f} GiB) but "
+            f"max_model_len is {max_model_len}: raise --kv-cache-memory or lower --max-model-len"
+        )
+    config = EngineConfig(
+        model=model_config,
+        cache=CacheConfig(opts.block_size, num_blocks * block_bytes, num_blocks, opts.enable_prefix_caching),
+        scheduler=SchedulerConfig(opts.max_num_seqs, max(opts.max_num_batched_tokens, 1), max_model_len),
+        device=device,
+        dtype=dtype,
+        seed=opts.seed,
+    )
+    logger.info(
+        "model %s (%s, %s): dtype %s, device %s, KV cache %d tokens in %d blocks (%.1f MiB), "
+        "max_model_len %d",
+        model or "embedded default",
+        model_config.architecture,
+        checkpoint.source,
+        str(dtype).removeprefix("torch."),
+        device,
+        capacity,
+        num_blocks,
+        num_blocks * block_bytes / (1 << 20),
+        max_model_len,
+    )
+    tokenizer = checkpoint.tokenizer
+    if tokenizer is not None and checkpoint.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = checkpoint.chat_template
+    engine = LLMEngine(config, net, tokenizer, num_blocks)
+    engine.chat_template = checkpoint.chat_template
+    engine.model_name = str(model) if model else "SmolLM2-135M-Instruct"
+    return engine

@@ -1,0 +1,345 @@
+"""The engine core: admit requests, step the scheduler and the model, sample, and report results.
+
+`step()` is one iteration of continuous batching: schedule -> run the model on the packed batch ->
+sample every sequence that reached its last token -> append tokens, check stop conditions, free the
+blocks of finished sequences. It never waits on anything but the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from gptserve.config import EngineConfig
+from gptserve.engine.beam_search import BeamState, beam_step
+from gptserve.engine.kv_cache_manager import KVCacheManager
+from gptserve.engine.model_runner import ModelRunner
+from gptserve.engine.output_processor import OutputProcessor
+from gptserve.engine.scheduler import ScheduledSeq, Scheduler
+from gptserve.engine.sequence import Request, Sequence
+from gptserve.errors import InvalidRequestError
+from gptserve.layers.sampler import Sampler, SamplingRow, make_generator
+from gptserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from gptserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Generates for many requests at once over one model and one paged KV cache."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        num_blocks: int,
+    ):
+        self.config = config
+        self.model_config = config.model
+        self.tokenizer = tokenizer
+        self.max_model_len = config.scheduler.max_model_len
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.runner = ModelRunner(
+            model, config.model, num_blocks, config.cache.block_size, config.device, config.dtype
+        )
+        self.sampler = Sampler()
+        self.output_processor = OutputProcessor(tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._finished_outside_step: list[Request] = []
+        self.eos_token_ids = set(config.model.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    # ----------------------------------------------------------------------------------------- requests
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: send token ids instead of text", "prompt")
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> Request:
+        """Validate and queue a request. Raises `InvalidRequestError` naming the problem."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt holds token id {bad[0]} outside the vocabulary of {vocab}", "prompt"
+            )
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens but the model's context is {self.max_model_len} tokens "
+                f"(max_model_len), which must also leave room for at least one generated token",
+                "prompt",
+            )
+        params.check_vocab(vocab)
+        seq = Sequence(list(token_ids), len(token_ids), generator=self._generator(params, 0))
+        request = Request(request_id, text, list(token_ids), params, [seq])
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        self.num_prompt_tokens += len(token_ids)
+        return request
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its blocks are freed at once and its last output reports "abort"."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return
+        for seq in request.live_seqs:
+            seq.finish_reason = "abort"
+        self.scheduler.finish(request)
+        self._finished_outside_step.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._finished_outside_step)
+
+    @staticmethod
+    def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.greedy or params.use_beam_search:
+            return None
+        return make_generator(None if params.seed is None else params.seed + index)
+
+    # --------------------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one engine iteration; returns the requests that progressed or finished."""
+        out = self.scheduler.schedule()
+        touched: dict[str, Request] = {}
+        for request in out.failed:
+            for seq in request.live_seqs:
+                seq.finish_reason = "abort"
+            self.scheduler.finish(request)
+            touched[request.request_id] = request
+        for request in self._finished_outside_step:
+            touched[request.request_id] = request
+        self._finished_outside_step = []
+        deltas: dict[int, list[int]] = {}
+        texts: dict[int, str] = {}
+        if out.scheduled:
+            logits, entries = self.runner.execute(out.scheduled, out.block_copies)
+            for item in out.scheduled:
+                item.seq.num_computed_tokens += item.num_new_tokens
+                self.kv.cache_full_blocks(item.seq)
+            self._sample(out.scheduled, logits, entries, deltas, texts, touched)
+        return [self._output(r, deltas, texts) for r in touched.values()]
+
+    def _sample(
+        self,
+        scheduled: list[ScheduledSeq],
+        logits: torch.Tensor,
+        entries: list[int],
+        deltas: dict[int, list[int]],
+        texts: dict[int, str],
+        touched: dict[str, Request],
+    ) -> None:
+        by_request: dict[str, list[tuple[Sequence, int]]] = {}
+        for row, entry in enumerate(entries):
+            item = scheduled[entry]
+            by_request.setdefault(item.request.request_id, []).append((item.seq, row))
+        rows: list[int] = []
+        sampling_rows: list[SamplingRow] = []
+        targets: list[tuple[Request, Sequence]] = []
+        for request_id, seq_rows in by_request.items():
+            request = self.requests[request_id]
+            touched[request_id] = request
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            if request.params.use_beam_search:
+                self._beam_step(request, logits[[r for _, r in seq_rows]], seq_rows, deltas, texts)
+                continue
+            if not request.forked:
+                seq_rows = self._fork_samples(request, seq_rows)
+            for seq, row in seq_rows:
+                rows.append(row)
+                targets.append((request, seq))
+                sampling_rows.append(self._sampling_row(request.params, seq))
+        if not rows:
+            return
+        result = self.sampler(logits[rows], sampling_rows)
+        for i, (request, seq) in enumerate(targets):
+            token = result.token_ids[i]
+            logprob = result.logprobs[i]
+            seq.cumulative_logprob += logprob
+            if request.params.logprobs is not None:
+                seq.logprobs.append(TokenLogprob(token, logprob, result.top_logprobs[i] or []))
+            self._append(request, seq, token, deltas, texts)
+        for request, _ in targets:
+            self._maybe_finish_request(request)
+
+    def _fork_samples(
+        self, request: Request, seq_rows: list[tuple[Sequence, int]]
+    ) -> list[tuple[Sequence, int]]:
+        """At the first sampling point, split the prompt sequence into n samples sharing its blocks."""
+        request.forked = True
+        (parent, row), n = seq_rows[0], request.params.n
+        for i in range(1, n):
+            child = parent.fork(i, self._generator(request.params, i))
+            self.kv.share(child)
+            request.seqs.append(child)
+            seq_rows.append((child, row))
+        return seq_rows
+
+    def _sampling_row(self, params: SamplingParams, seq: Sequence) -> SamplingRow:
+        forbidden: list[int] = []
+        if seq.num_output_tokens < params.min_tokens:
+            forbidden = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
+        return SamplingRow(
+            params=params,
+            generator=seq.generator,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            output_token_ids=seq.output_token_ids,
+            forbidden_token_ids=forbidden,
+        )
+
+    # ---------------------------------------------------------------------------------- stop conditions
+    def _append(
+        self, request: Request, seq: Sequence, token: int, deltas: dict[int, list[int]], texts: dict[int, str]
+    ) -> None:
+        params = request.params
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        deltas.setdefault(seq.seq_id, []).append(token)
+        n_out = seq.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif any(_ends_with(seq.output_token_ids, s) for s in params.stop_token_sequences):
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and (
+            (params.max_tokens is not None and n_out >= params.max_tokens)
+            or seq.num_tokens >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+        # A token that ended the sequence by id (EOS, stop_token_ids) adds no text.
+        ended_by_token = seq.finish_reason == "stop" and (
+            token in self.eos_token_ids or seq.stop_reason == token
+        )
+        if not ended_by_token:
+            texts[seq.seq_id] = texts.get(seq.seq_id, "") + self.output_processor.add_tokens(
+                seq, params, [token]
+            )
+        if seq.finished:
+            texts[seq.seq_id] = texts.get(seq.seq_id, "") + self.output_processor.finish(seq, params)
+            self.kv.free(seq)
+
+    def _maybe_finish_request(self, request: Request) -> None:
+        if not request.finished and not request.live_seqs:
+            self.scheduler.finish(request)
+
+    # ------------------------------------------------------------------------------------- beam search
+    def _beam_step(
+        self,
+        request: Request,
+        logits: torch.Tensor,
+        seq_rows: list[tuple[Sequence, int]],
+        deltas: dict[int, list[int]],
+        texts: dict[int, str],
+    ) -> None:
+        params = request.params
+        if request.beam_state is None:
+            request.beam_state = BeamState(params.beam_width, params.length_penalty)
+        state: BeamState = request.beam_state
+        beams = [seq for seq, _ in seq_rows]
+        num_generated = beams[0].num_output_tokens
+        at_limit = (params.max_tokens is not None and num_generated + 1 >= params.max_tokens) or (
+            beams[0].num_tokens + 1 >= self.max_model_len
+        )
+        end_ids = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
+        step = beam_step(
+            state, logits, [b.cumulative_logprob for b in beams], num_generated, end_ids, at_limit
+        )
+
+        for cand, normalised in step.finishing:
+            parent = beams[cand.parent]
+            done = Sequence(parent.token_ids + [cand.token_id], parent.num_prompt_tokens)
+            done.cumulative_logprob = cand.score
+            done.finish_reason = "length" if at_limit and cand.token_id not in end_ids else "stop"
+            done.beam_score = normalised
+            request.finished_beams.append(done)
+        request.finished_beams.sort(key=lambda s: s.beam_score, reverse=True)
+        del request.finished_beams[state.width :]
+
+        if state.done:
+            for seq in beams:
+                self.kv.free(seq)
+                seq.finish_reason = "stop"
+            request.seqs = []
+            self._finish_beams(request, texts)
+            return
+        # The first continuation of a beam keeps its sequence; further ones fork it (sharing blocks).
+        used: set[int] = set()
+        new_beams: list[Sequence] = []
+        for cand in step.continuing:
+            parent = beams[cand.parent]
+            if cand.parent in used:
+                seq = parent.fork(len(new_beams), None)
+                self.kv.share(seq)
+            else:
+                used.add(cand.parent)
+                seq = parent
+            new_beams.append(seq)
+        for seq, cand in zip(new_beams, step.continuing):
+            seq.token_ids.append(cand.token_id)
+            seq.cumulative_logprob = cand.score
+        for i, seq in enumerate(beams):
+            if i not in used:
+                self.kv.free(seq)
+        request.seqs = new_beams
+        self.num_generated_tokens += len(new_beams)
+
+    def _finish_beams(self, request: Request, texts: dict[int, str]) -> None:
+        best = request.finished_beams[: request.params.n]
+        for i, seq in enumerate(best):
+            seq.index = i
+            self.output_processor.add_tokens(seq, request.params, seq.output_token_ids)
+            self.output_processor.finish(seq, request.params)
+            texts[seq.seq_id] = seq.text
+        request.seqs = best
+        request.finished_beams = []
+        self.scheduler.finish(request)
+
+    # ------------------------------------------------------------------------------------------ output
+    def _output(self, request: Request, deltas: dict[int, list[int]], texts: dict[int, str]) -> RequestOutput:
+        outputs = []
+        for seq in sorted(request.seqs, key=lambda s: s.index):
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.text,
+                    token_ids=seq.output_token_ids,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
+                    delta_text=texts.get(seq.seq_id, ""),
+                    delta_token_ids=deltas.get(seq.seq_id, []),
+                )
+            )
+        if request.finished:
+            self.requests.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            finished=request.finished,
+            num_cached_tokens=request.num_cached_tokens,
+            error=request.error,
+        )
+
+
+def _ends_with(tokens: list[int], suffix: list[int]) -> bool:
+    return len(tokens) >= len(suffix) and tokens[len(tokens) - len(suffix) :] == suffix

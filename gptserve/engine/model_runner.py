@@ -1,0 +1,121 @@
+"""Runs one engine step on the model: packs the scheduled tokens, owns the KV cache tensors.
+
+The packed batch holds decode tokens first (one query per sequence, attention batched over padded
+block tables) and prefill chunks after them (attention per chunk). No sequence is padded to the
+longest: the token dimension is the sum of the scheduled tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gptserve.config import ModelConfig
+from gptserve.engine.scheduler import ScheduledSeq
+from gptserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_context
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V that one token occupies across all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * elem
+
+
+class ModelRunner:
+    """Owns the model and its paged KV cache; turns scheduled sequences into logits."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.device = device
+        self.layers: list[Attention] = [m for m in model.modules() if isinstance(m, Attention)]
+        if len(self.layers) != config.num_layers:
+            raise RuntimeError(
+                f"model has {len(self.layers)} attention layers, config says {config.num_layers}"
+            )
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        for layer in self.layers:
+            layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat cache slots of token positions [start, end) of a sequence."""
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs + 1
+        blocks = torch.tensor(block_ids[first:last], dtype=torch.long)
+        slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+        return slots[start - first * bs : end - first * bs]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for layer in self.layers:
+            layer.k_cache[dst] = layer.k_cache[src]
+            layer.v_cache[dst] = layer.v_cache[src]
+
+    @torch.inference_mode()
+    def execute(
+        self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run the step. Returns float32 logits for the sampling entries, and their indices in `scheduled`."""
+        self.copy_blocks(copies)
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        decode_contexts: list[torch.Tensor] = []
+        prefills: list[PrefillChunk] = []
+        logits_rows: list[int] = []
+        sample_entries: list[int] = []
+        for i in order:
+            item = scheduled[i]
+            seq, n = item.seq, item.num_new_tokens
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            offset = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.append(torch.arange(start, end))
+            context = self._slots(seq.block_ids, 0, end)
+            slot_mapping.append(context[start:end])
+            if n == 1:
+                decode_contexts.append(context)
+            else:
+                prefills.append(PrefillChunk(offset, n, end, context.to(self.device)))
+            if item.sample:
+                logits_rows.append(offset + n - 1)
+                sample_entries.append(i)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            num_decode_tokens=len(decode_contexts),
+            prefills=prefills,
+        )
+        if decode_contexts:
+            max_len = max(len(c) for c in decode_contexts)
+            slots = torch.zeros(len(decode_contexts), max_len, dtype=torch.long)
+            mask = torch.zeros(len(decode_contexts), 1, 1, max_len, dtype=torch.bool)
+            for row, c in enumerate(decode_contexts):
+                slots[row, : len(c)] = c
+                mask[row, 0, 0, : len(c)] = True
+            meta.decode_slots = slots.to(self.device)
+            meta.decode_mask = mask.to(self.device)
+
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.cat(positions).to(self.device)
+        with attention_context(meta):
+            hidden = self.model(ids, pos)
+        if not logits_rows:
+            return torch.empty(0, self.config.vocab_size), []
+        rows = torch.tensor(logits_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows]).float()
+        return logits, sample_entries

@@ -1,0 +1,134 @@
+"""Rotary position embedding (RoPE): frequency tables, their scaling variants and the two rotation layouts.
+
+One `RotaryEmbedding` per model holds a float32 [max_positions, rotary_dim] table of cos | sin, looked up
+by each token's absolute position, so the packed batch may mix sequences at any offsets. Only the first
+`rotary_dim` channels of every head rotate (partial rotary, as GPT-J and GPT-NeoX use); the rest pass through.
+
+Layouts: "rotate half" (GPT-NeoX, Llama) pairs channel i with i + rotary_dim/2; "interleaved" (GPT-J,
+mesh-transformer-jax's rotate_every_two) pairs channels 2i and 2i+1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptserve.config import ModelConfig
+from gptserve.errors import ModelLoadError
+
+SUPPORTED_SCALING = ("linear", "dynamic", "llama3")
+
+
+def base_inv_freq(rotary_dim: int, base: float | torch.Tensor) -> torch.Tensor:
+    """Unscaled RoPE frequencies base^(-2i/d) in float32: [rotary_dim/2], or [P, rotary_dim/2] for P bases."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    if isinstance(base, torch.Tensor):
+        base = base[:, None]
+    return 1.0 / (base**exponents)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1: slow the low frequencies by `factor`, keep the high ones, blend smoothly in between."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def dynamic_ntk_bases(
+    base: float, rotary_dim: int, factor: float, max_trained: int, num_positions: int
+) -> torch.Tensor:
+    """Dynamic NTK: a token at position p uses the base stretched for a sequence of max(p+1, max_trained).
+
+    Tying the base to the token's own position (not to the longest sequence in the batch) keeps the output
+    independent of the batch; it equals the Hugging Face reference when tokens arrive one at a time.
+    """
+    seq_len = torch.arange(1, num_positions + 1, dtype=torch.int64).clamp(min=max_trained).float()
+    return base * ((factor * seq_len / max_trained) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+
+
+def rotary_table(
+    rotary_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None
+) -> torch.Tensor:
+    """float32 [positions, rotary_dim] table of cos | sin; linear and dynamic scaling extend its length."""
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind not in ("default", *SUPPORTED_SCALING):
+        raise ModelLoadError(f"rope_scaling type {kind!r} is not supported (supported: {SUPPORTED_SCALING})")
+    num_positions = int(max_positions * scaling["factor"]) if kind in ("linear", "dynamic") else max_positions
+    positions = torch.arange(num_positions, dtype=torch.int64).float()[:, None]
+    if kind == "dynamic":
+        bases = dynamic_ntk_bases(base, rotary_dim, scaling["factor"], max_positions, num_positions)
+        freqs = positions * base_inv_freq(rotary_dim, bases)
+    else:
+        inv_freq = base_inv_freq(rotary_dim, base)
+        if kind == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, scaling)
+        freqs = positions * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k of a packed batch by their absolute positions."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_positions: int,
+        base: float = 10000.0,
+        scaling: dict[str, Any] | None = None,
+        interleaved: bool = False,
+    ):
+        super().__init__()
+        if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+            raise ModelLoadError(f"rotary_dim={rotary_dim} must be even and in (0, head_dim={head_dim}]")
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
+        table = rotary_table(rotary_dim, max_positions, base, scaling)
+        self.max_positions = table.shape[0]
+        # Non-persistent: derived from the config, never part of a checkpoint.
+        self.register_buffer("cos_sin_cache", table, persistent=False)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, interleaved: bool = False) -> RotaryEmbedding:
+        return cls(
+            config.head_dim,
+            config.rotary_dim or config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            interleaved,
+        )
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T], q [T, heads*head_dim], k [T, kv_heads*head_dim] -> rotated (q, k), same shapes."""
+        # Cast before multiplying, as the reference does, so half-precision results round identically.
+        cos, sin = self.cos_sin_cache[positions].to(q.dtype)[:, None, :].chunk(2, dim=-1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        x = x.view(num_tokens, -1, self.head_dim)
+        rot = x[..., : self.rotary_dim]
+        if self.interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if self.rotary_dim < self.head_dim:
+            rotated = torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
+        return rotated.reshape(num_tokens, -1)

@@ -1,0 +1,62 @@
+"""`LLM`: offline batched generation, the Python face of the engine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.outputs import RequestOutput
+from gptserve.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """Load a model once and generate for many prompts with continuous batching.
+
+    `LLM()` serves the embedded SmolLM2-135M-Instruct. Engine options mirror the serve flags in snake
+    case (`device`, `dtype`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`,
+    `kv_cache_memory`, `block_size`, `enable_prefix_caching`, `tensor_parallel_size`, ...).
+    """
+
+    def __init__(self, model: str | Path | None = None, **engine_options):
+        self.engine = build_engine(model, EngineOptions(**engine_options))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; returns one finished `RequestOutput` per prompt, in order.
+
+        A prompt is a string or a list of token ids; `sampling_params` is one for all or one per prompt.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, per_prompt):
+                request_id = f"llm-{next(self._ids)}"
+                self.engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+            results: dict[str, RequestOutput] = {}
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return [results[i] for i in ids]

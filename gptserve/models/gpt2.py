@@ -1,0 +1,111 @@
+"""GPT-2: learned absolute positions, pre-LayerNorm blocks, fused qkv with bias, tied head.
+
+Hugging Face stores GPT-2 projections as Conv1D with weights [in, out]; they are transposed at load into
+`nn.Linear`'s [out, in] under the same names, so `load_weights` takes Hugging Face tensors only (this
+model's own state dict would be transposed again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from gptserve.config import ModelConfig
+from gptserve.layers.activation import Activation
+from gptserve.layers.attention import Attention
+from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
+
+_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        hidden = config.hidden_size
+        self.c_attn = uninitialized(nn.Linear, hidden, 3 * hidden)
+        self.c_proj = uninitialized(nn.Linear, hidden, hidden)
+        # GPT-2-only switches that ModelConfig does not carry; absent means GPT-2's defaults.
+        hf = config.hf_config
+        scale = config.head_dim**-0.5 if hf.get("scale_attn_weights", True) else 1.0
+        if hf.get("scale_attn_by_inverse_layer_idx", False):
+            scale /= layer_idx + 1
+        self.attn = Attention(config.num_heads, config.num_heads, config.head_dim, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)
+        return self.c_proj(self.attn(q, k, v))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = uninitialized(nn.Linear, config.hidden_size, config.intermediate_size)
+        self.c_proj = uninitialized(nn.Linear, config.intermediate_size, config.hidden_size)
+        self.act = Activation(config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.wte = embedding(config.vocab_size, config.hidden_size)
+        self.wpe = embedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.wte(input_ids) + self.wpe(positions)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = lm_head(self.transformer.wte, config.tie_word_embeddings)
+        self.packed_modules: dict[str, dict[str, int]] = {}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.transformer(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [block.attn.attn for block in self.transformer.h]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # attn.bias / attn.masked_bias: causal-mask buffers that older checkpoints saved.
+        ignore = (".attn.bias", ".attn.masked_bias")
+        if self.config.tie_word_embeddings:
+            ignore += ("lm_head.weight",)
+        load_hf_weights(self, self._to_linear(weights), ignore=ignore)
+
+    def _to_linear(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            # The original GPT-2 files were saved from the bare GPT2Model, without the "transformer." prefix.
+            if not name.startswith(("transformer.", "lm_head.")):
+                name = "transformer." + name
+            if name.endswith(_CONV1D) and tensor.dim() == 2:
+                tensor = tensor.t()
+            yield name, tensor

@@ -1,0 +1,113 @@
+"""GPT-NeoX (Pythia): two LayerNorms per block, parallel or sequential residual, partial rotate-half RoPE.
+
+The checkpoint's fused `query_key_value` is laid out per head, rows [heads, (q, k, v), head_dim]; at load it
+is regrouped into `qkv_proj` as [(q, k, v), heads, head_dim], so the GEMM output splits into contiguous q, k
+and v as in the other models (the new name keeps the two layouts apart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from gptserve.config import ModelConfig
+from gptserve.layers.activation import Activation
+from gptserve.layers.attention import Attention
+from gptserve.layers.rotary import RotaryEmbedding
+from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
+
+
+class GPTNeoXAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.qkv_proj = uninitialized(nn.Linear, hidden, 3 * hidden, bias=bias)
+        self.dense = uninitialized(nn.Linear, hidden, hidden, bias=bias)
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(config.num_heads, config.num_heads, config.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.dense(self.attn(q, k, v))
+
+
+class GPTNeoXMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = uninitialized(nn.Linear, config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = uninitialized(nn.Linear, config.intermediate_size, config.hidden_size)
+        self.act = Activation(config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class GPTNeoXLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attention = GPTNeoXAttention(config, rotary_emb)
+        self.mlp = GPTNeoXMLP(config)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attention(positions, self.input_layernorm(x))
+        if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return self.mlp(self.post_attention_layernorm(x)) + attn + x
+        h = attn + x
+        return self.mlp(self.post_attention_layernorm(h)) + h
+
+
+class GPTNeoXModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        rotary_emb = RotaryEmbedding.from_config(config)  # shared by every layer
+        self.embed_in = embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GPTNeoXLayer(config, rotary_emb) for _ in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_in(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.final_layer_norm(x)
+
+
+class GPTNeoXForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gpt_neox = GPTNeoXModel(config)
+        self.lm_head = lm_head(self.gpt_neox.embed_in, config.tie_word_embeddings)
+        self.packed_modules = {"qkv_proj": {"query_key_value": 3 * config.hidden_size}}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.gpt_neox(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.attention.attn for layer in self.gpt_neox.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # Buffers older checkpoints saved: the causal mask and the rotary frequencies.
+        ignore = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+        if self.config.tie_word_embeddings:
+            ignore += ("lm_head.weight",)
+        load_hf_weights(self, self._convert(weights), self.packed_modules, ignore)
+
+    def _convert(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        heads, head_dim = self.config.num_heads, self.config.head_dim
+        for name, tensor in weights:
+            if name.startswith("embed_out."):  # the head's name before transformers 5
+                name = "lm_head." + name.removeprefix("embed_out.")
+            # A mis-shaped tensor passes through unchanged so the loader reports it by name.
+            if ".query_key_value." in name and tensor.shape[0] == 3 * heads * head_dim:
+                rest = tensor.shape[1:]
+                tensor = tensor.reshape(heads, 3, head_dim, *rest).transpose(0, 1).reshape(tensor.shape)
+            yield name, tensor

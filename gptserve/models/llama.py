@@ -1,0 +1,106 @@
+"""Llama (also SmolLM2, TinyLlama, Mistral-style GQA): RMSNorm, rotate-half RoPE, SwiGLU, pre-norm residuals.
+
+q/k/v are packed into one `qkv_proj` and gate/up into one `gate_up_proj` at load time, so each layer
+runs four GEMMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from gptserve.config import ModelConfig
+from gptserve.layers.activation import ActAndMul
+from gptserve.layers.attention import Attention
+from gptserve.layers.norms import RMSNorm
+from gptserve.layers.rotary import RotaryEmbedding
+from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        bias = config.attention_bias
+        self.qkv_proj = uninitialized(
+            nn.Linear, config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias
+        )
+        self.o_proj = uninitialized(nn.Linear, self.q_size, config.hidden_size, bias=bias)
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_up_proj = uninitialized(nn.Linear, hidden, 2 * inner, bias=bias)
+        self.down_proj = uninitialized(nn.Linear, inner, hidden, bias=bias)
+        self.act_fn = ActAndMul(config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = LlamaAttention(config, rotary_emb)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # One cos/sin table shared by every layer.
+        rotary_emb = RotaryEmbedding.from_config(config)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = lm_head(self.model.embed_tokens, config.tie_word_embeddings)
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.packed_modules = {
+            "qkv_proj": {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+            "gate_up_proj": {"gate_proj": config.intermediate_size, "up_proj": config.intermediate_size},
+        }
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # inv_freq: a buffer older checkpoints saved; a tied head arrives as a copy of the embedding.
+        ignore = (".rotary_emb.inv_freq",) + (("lm_head.weight",) if self.config.tie_word_embeddings else ())
+        load_hf_weights(self, weights, self.packed_modules, ignore)
