@@ -14,6 +14,7 @@ from gptserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCon
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.model_runner import kv_bytes_per_token
 from gptserve.errors import GptServeError
+from gptserve.layers.quantized_linear import quantize_linears
 from gptserve.loading.checkpoint import load_checkpoint
 from gptserve.models.registry import model_class
 
@@ -38,6 +39,7 @@ class EngineOptions:
     num_kv_blocks: int | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
+    quantization: str = "auto"  # auto | none | int8 | int4 (weight-only)
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -65,11 +67,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 (fp16 on GPUs without bf16): half the bytes of fp32 to read per token."""
     if name != "auto":
         return parse_dtype(name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+
+
+def resolve_quantization(
+    name: str, stored: str | None, device: torch.device, dtype: torch.dtype
+) -> str | None:
+    """Weight-only format of the transformer blocks. `auto` keeps a GGUF file's 4- or 8-bit blocks
+    compact on CPU (decoding there is bound by reading weights) and leaves other checkpoints as they are."""
+    if name not in QUANTIZATIONS:
+        raise GptServeError(f"unknown quantization {name!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    if name == "none":
+        return None
+    if name != "auto":
+        return name
+    if stored is None or device.type != "cpu" or dtype == torch.float32:
+        return None
+    return "int4" if stored.startswith(("Q4", "IQ4")) else "int8"
 
 
 @contextlib.contextmanager
@@ -95,6 +117,13 @@ def build_engine(model: str | Path | None = None, options: EngineOptions | None 
         net = model_class(model_config)(model_config)
     net.load_weights(checkpoint.weights())
     net.eval()
+    quantization = resolve_quantization(opts.quantization, checkpoint.quantization, device, dtype)
+    if quantization is not None:
+        # `auto` quantizes for speed, not memory: on CPU the dense weights stay for prefill and batched
+        # decode, which run faster as dense GEMMs. An explicit int8/int4 keeps only the compact weights.
+        keep_dense = opts.quantization == "auto" and device.type == "cpu"
+        counts = quantize_linears(net, quantization, "int8", keep_dense=keep_dense)
+        logger.info("weight-only quantization: %s", ", ".join(f"{n} {k} layers" for k, n in counts.items()))
 
     max_model_len = opts.max_model_len or model_config.max_position_embeddings
     if max_model_len > model_config.max_position_embeddings and model_config.architecture == "gpt2":

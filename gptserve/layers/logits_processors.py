@@ -139,8 +139,8 @@ def _nucleus_cutoff(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Smallest logit in each row's nucleus, from the row's best logits in descending order.
 
-    Also says per row whether the nucleus ended inside `best`; where it did not, the cutoff is only a
-    lower bound of the true nucleus size and the row must be redone with more candidates.
+    Also says per row whether the nucleus ended inside `best`; where it did not, the nucleus may run
+    past `best` and the row must be redone with more candidates.
     """
     probs = (best - log_norm).exp()
     mass_above = probs.cumsum(dim=-1) - probs

@@ -36,7 +36,9 @@ class SamplingRow:
     """One row of the logits: a sequence that needs its next token."""
 
     params: SamplingParams
-    generator: torch.Generator | None  # per-request RNG; None for greedy rows
+    # Per-request RNG, on the logits' device for speed; None for greedy rows (a sampling row without one
+    # draws from torch's global RNG and loses batch independence).
+    generator: torch.Generator | None
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     forbidden_token_ids: Sequence[int] = ()  # e.g. EOS and stop ids while the output is below min_tokens

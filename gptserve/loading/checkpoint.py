@@ -34,6 +34,7 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerBase | None = field(repr=False)
     chat_template: str | None = field(repr=False)
     source: str
+    quantization: str | None = None  # storage type of the bulk of the weights, e.g. "Q4_1" for a GGUF file
 
 
 def load_checkpoint(path: str | Path | None) -> Checkpoint:

@@ -57,6 +57,9 @@ class RawTensor:
     shape: tuple[int, ...]
 
 
+_FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+
+
 class GGUFModelFile:
     """An open GGUF file of a Llama-architecture model."""
 
@@ -85,6 +88,7 @@ class GGUFModelFile:
             tokenizer=tokenizer,
             chat_template=template,
             source=f"gguf {self.quant_summary()}",
+            quantization=self.main_quant_type(),
         )
 
     def metadata(self, key: str, default: Any = None) -> Any:
@@ -114,6 +118,12 @@ class GGUFModelFile:
         """One tensor's stored blocks and quantization type, rows in Hugging Face order."""
         tensor = self._tensor(hf_name)
         return RawTensor(self._to_hf_rows(hf_name, tensor.data), tensor.tensor_type, _hf_shape(tensor))
+
+    def main_quant_type(self) -> str | None:
+        """The most common quantized storage type of the file's tensors (None if all are float)."""
+        names = (t.tensor_type.name for t in self.reader.tensors)
+        counts = Counter(n for n in names if n not in _FLOAT_TYPES)
+        return counts.most_common(1)[0][0] if counts else None
 
     def quant_summary(self) -> str:
         """The storage types by tensor count, most common first, e.g. "Q4_1 (also F32, Q8_0)"."""

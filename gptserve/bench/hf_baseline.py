@@ -1,0 +1,55 @@
+"""Hugging Face transformers `generate` on the same checkpoint, as the in-process baseline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from gptserve.loading.default_model import default_model_path
+
+
+def load_hf_model(model: str | Path | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The checkpoint as a transformers model (GGUF files are dequantized by transformers itself)."""
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path() if model is None else Path(model)
+    if path.is_file():
+        net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    net.generation_config.eos_token_id = None  # generate exactly the requested lengths
+    net.generation_config.pad_token_id = 0
+    return net.to(device).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def hf_generate_time(
+    net: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, **generate_kwargs
+) -> float:
+    """Seconds for one greedy batched `generate` of all prompts (left-padded), max_new_tokens each."""
+    device = next(net.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    _sync(device)
+    start = time.perf_counter()
+    net.generate(
+        ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        **generate_kwargs,
+    )
+    _sync(device)
+    return time.perf_counter() - start

@@ -1,0 +1,40 @@
+"""`gptserve bench latency|throughput|serve`: benchmarks that print their figures and, when asked, a
+baseline measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+MODES = {
+    "latency": "gptserve.bench.latency",
+    "throughput": "gptserve.bench.throughput",
+    "serve": "gptserve.bench.serve",
+}
+NEEDS_ENGINE = {"latency", "throughput"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from gptserve.cli import add_engine_args
+
+    p = sub.add_parser("bench", help="benchmarks (latency, throughput, serve)")
+    modes = p.add_subparsers(dest="mode", required=True)
+    for mode, path in MODES.items():
+        try:
+            module = importlib.import_module(path)
+        except ImportError:
+            continue
+        mp = modes.add_parser(mode, help=(module.__doc__ or "").split("\n")[0])
+        add_engine_args(mp)
+        module.add_arguments(mp)
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(MODES[args.mode])
+    if args.mode not in NEEDS_ENGINE:
+        return module.run(args)
+    from gptserve.cli import engine_options
+    from gptserve.llm import LLM
+
+    llm = LLM(args.model, **vars(engine_options(args)))
+    return module.run(args, llm)
