@@ -11,6 +11,8 @@ from gptserve.errors import GptServeError
 
 COMMANDS = {
     "generate": "gptserve.commands.generate",
+    "bench": "gptserve.commands.bench",
+    "serve": "gptserve.commands.serve",
 }
 
 
@@ -28,6 +30,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="weight-only quantization; auto keeps a GGUF file's 4/8-bit weights compact on CPU",
+    )
 
 
 def engine_options(args: argparse.Namespace):
@@ -43,6 +51,7 @@ def engine_options(args: argparse.Namespace):
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
     )
 
 

@@ -216,13 +216,15 @@ def run(args: argparse.Namespace) -> int:
         max(per_level.values()), args.min_input_len, args.max_input_len, _vocab_size(args), args.seed
     )
     top = levels[-1]
-    results: dict[str, Any] = {"levels": []}
+    results: dict[str, Any] = {"levels": [], "load_average_before": os.getloadavg()[0]}
     if not args.no_baseline:
         results["offline"] = offline_baseline(args, prompts[: per_level[top]], top)
     with running_server(engine_flags(args), args.startup_timeout) as url:
         asyncio.run(drive(url, prompts[:2], 2, 4))  # warm-up
         for c in levels:
             results["levels"].append(asyncio.run(drive(url, prompts[: per_level[c]], c, args.output_len)))
+    # Other processes on the machine skew every figure here; the load average says whether there were any.
+    results["load_average_after"] = os.getloadavg()[0]
     rows = [
         ("workload", f"prompts of {args.min_input_len}-{args.max_input_len} tokens (seed {args.seed}), "
                      f"{args.output_len} output tokens each, greedy, streamed"),
@@ -242,6 +244,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append((f"offline engine ({off['requests']} req, <= {top} seqs)",
                      f"{off['output_tokens_per_s']:7.1f} tok/s ({off['seconds']:.1f} s)"))  # fmt: skip
         rows.append((f"serve c={top} / offline", f"{results['serve_over_offline']:.1%}"))
+    rows.append((
+        "1-min load average",
+        f"{results['load_average_before']:.2f} before, {results['load_average_after']:.2f} after "
+        f"({os.cpu_count()} CPUs)",
+    ))  # fmt: skip
     print_table("bench serve", rows)
     write_json(args.json, results)
     return 0

@@ -42,10 +42,8 @@ class ModelRunner:
             raise RuntimeError(
                 f"model has {len(self.layers)} attention layers, config says {config.num_layers}"
             )
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         for layer in self.layers:
-            layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.allocate_cache(num_blocks, block_size, dtype, device)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         """Flat cache slots of token positions [start, end) of a sequence."""
@@ -61,8 +59,7 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for layer in self.layers:
-            layer.k_cache[dst] = layer.k_cache[src]
-            layer.v_cache[dst] = layer.v_cache[src]
+            layer.copy_blocks(src, dst)
 
     @torch.inference_mode()
     def execute(
@@ -71,51 +68,65 @@ class ModelRunner:
         """Run the step. Returns float32 logits for the sampling entries, and their indices in `scheduled`."""
         self.copy_blocks(copies)
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        bs = self.block_size
         input_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
-        decode_contexts: list[torch.Tensor] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         logits_rows: list[int] = []
         sample_entries: list[int] = []
+        # Plain Python ints, turned into tensors once: per-sequence tensor ops would cost more than the
+        # whole one-sequence decode step's bookkeeping.
         for i in order:
             item = scheduled[i]
             seq, n = item.seq, item.num_new_tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             offset = len(input_ids)
             input_ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            context = self._slots(seq.block_ids, 0, end)
-            slot_mapping.append(context[start:end])
+            positions.extend(range(start, end))
+            block_ids = seq.block_ids
+            slot_mapping.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1:
-                decode_contexts.append(context)
+                decode_tables.append(block_ids[: (end - 1) // bs + 1])
+                decode_lens.append(end)
             else:
-                prefills.append(PrefillChunk(offset, n, end, context.to(self.device)))
+                context = self._slots(block_ids, 0, end).to(self.device)
+                prefills.append(PrefillChunk(offset, n, end, context))
             if item.sample:
                 logits_rows.append(offset + n - 1)
                 sample_entries.append(i)
 
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
-            num_decode_tokens=len(decode_contexts),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(decode_lens),
             prefills=prefills,
         )
-        if decode_contexts:
-            max_len = max(len(c) for c in decode_contexts)
-            slots = torch.zeros(len(decode_contexts), max_len, dtype=torch.long)
-            mask = torch.zeros(len(decode_contexts), 1, 1, max_len, dtype=torch.bool)
-            for row, c in enumerate(decode_contexts):
-                slots[row, : len(c)] = c
-                mask[row, 0, 0, : len(c)] = True
-            meta.decode_slots = slots.to(self.device)
-            meta.decode_mask = mask.to(self.device)
+        if decode_lens:
+            self._decode_metadata(meta, decode_tables, decode_lens)
 
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.cat(positions).to(self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         with attention_context(meta):
             hidden = self.model(ids, pos)
         if not logits_rows:
             return torch.empty(0, self.config.vocab_size), []
-        rows = torch.tensor(logits_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()
+        if len(logits_rows) != len(input_ids):  # a decode-only step samples every row as it stands
+            hidden = hidden[torch.tensor(logits_rows, device=self.device)]
+        logits = self.model.compute_logits(hidden).float()
         return logits, sample_entries
+
+    def _decode_metadata(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
+        """Block tables padded to the longest (the pad repeats a sequence's own block, never read
+        unmasked), and the -inf bias over slots past each shorter context."""
+        width = max(len(t) for t in tables)
+        padded = [t + t[-1:] * (width - len(t)) for t in tables]
+        meta.decode_blocks = torch.tensor(padded, dtype=torch.long, device=self.device)
+        longest = max(lens)
+        meta.decode_context_len = longest
+        if min(lens) != longest:
+            bias = torch.zeros(len(lens), longest)
+            for row, n in enumerate(lens):
+                bias[row, n:] = float("-inf")
+            meta.decode_bias = bias.to(self.device)

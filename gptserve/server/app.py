@@ -1,0 +1,114 @@
+"""The FastAPI application: wires an engine to the OpenAI routes, `/health`, `/metrics` and the API key.
+
+`build_app` is the one place that assembles a server; other front-ends (Triton's routes, the web page)
+mount on the app it returns and find what they need on `app.state`: `async_engine`, `metrics`,
+`serving` and `require_api_key` (the dependency that guards a route with `--api-key`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request, Response
+
+from gptserve.engine.llm_engine import LLMEngine
+from gptserve.server.async_engine import AsyncEngine, EngineDeadError
+from gptserve.server.chat_template import ChatTemplate, load_template_source
+from gptserve.server.errors import APIError, error_response, install_error_handlers
+from gptserve.server.metrics import ServerMetrics
+from gptserve.server.openai_routes import build_openai_router
+from gptserve.server.serving import OpenAIServing
+
+
+@dataclass
+class ServerConfig:
+    """The serve flags that shape the HTTP front-end (the engine's own are in `EngineOptions`)."""
+
+    served_model_names: list[str] = field(default_factory=list)  # empty = the engine's model name
+    api_key: str | None = None
+    chat_template: str | None = None  # a file or the template text; None = the model's own
+    max_queue_len: int | None = None
+    model_path: str | None = None
+
+
+def make_api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency that answers 401 unless the request carries `Authorization: Bearer <key>`."""
+    expected = api_key.encode() if api_key else None
+
+    async def require_api_key(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization")
+        if not header:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")  # fmt: skip
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    return require_api_key
+
+
+def _chat_template(engine: LLMEngine, override: str | None) -> ChatTemplate:
+    tokenizer = engine.tokenizer
+    model_template = getattr(engine, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    special = {}
+    if tokenizer is not None:
+        special = {
+            name: getattr(tokenizer, name, None)
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+    return ChatTemplate(load_template_source(override, model_template), special)
+
+
+def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
+    """A ready app over `engine`; its lifespan starts and stops the engine thread."""
+    config = config or ServerConfig()
+    names = config.served_model_names or [getattr(engine, "model_name", None) or "model"]
+    async_engine = AsyncEngine(engine)
+    metrics = ServerMetrics(names[0], lambda: async_engine.stats)
+    async_engine.metrics = metrics
+    serving = OpenAIServing(
+        async_engine,
+        names,
+        _chat_template(engine, config.chat_template),
+        config.max_queue_len,
+        config.model_path,
+    )
+    require_api_key = make_api_key_check(config.api_key)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await async_engine.stop()
+
+    # Interactive docs would be unguarded routes; the API is OpenAI's, documented elsewhere.
+    app = FastAPI(title="gptserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    app.state.serving = serving
+    app.state.require_api_key = require_api_key
+    install_error_handlers(app)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> Response:
+        return error_response(APIError(503, str(exc)))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.dead:
+            return error_response(APIError(503, f"the engine has failed: {async_engine.error!r}"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.include_router(build_openai_router(serving, require_api_key))
+    return app

@@ -1,0 +1,109 @@
+"""OpenAI's response pieces that depend on the tokenizer: token strings and bytes, logprobs, usage.
+
+Completions report logprobs as parallel lists (`tokens`, `token_logprobs`, `top_logprobs`,
+`text_offset`); chat reports a list of `{token, logprob, bytes, top_logprobs}`. A token's `bytes` are the
+raw UTF-8 bytes it stands for, which for byte-level BPE may be part of one character.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from gptserve.outputs import TokenLogprob
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte -> printable-character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table = {b: b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in table.items()}
+
+
+class TokenText:
+    """Token id -> (text, bytes), cached; the vocabulary is fixed for the life of the server."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._byte_decoder = _byte_level_decoder()
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        tok = self.tokenizer
+        if tok is None:
+            return f"<{token_id}>".encode()
+        piece = tok.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and all(ch in self._byte_decoder for ch in piece):
+            return bytes(self._byte_decoder[ch] for ch in piece)
+        match = _BYTE_TOKEN.fullmatch(piece)
+        if match:  # SentencePiece byte fallback
+            return bytes([int(match.group(1), 16)])
+        if "\u2581" in piece:  # SentencePiece word boundary
+            return piece.replace("\u2581", " ").encode()
+        return tok.decode([token_id]).encode()
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._raw_bytes(token_id)
+            hit = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return hit
+
+    def text(self, token_id: int) -> str:
+        return self.get(token_id)[0]
+
+
+def completion_logprobs(
+    entries: list[TokenLogprob], tokens: TokenText, start_offset: int, num_top: int
+) -> dict[str, Any]:
+    """Completions-style logprobs for `entries`; `start_offset` is the text offset of the first token."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = start_offset
+    for e in entries:
+        text = tokens.text(e.token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(e.logprob)
+        top: dict[str, float] = {}
+        for token_id, lp in e.top[:num_top]:
+            top.setdefault(tokens.text(token_id), lp)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText, num_top: int) -> dict[str, Any]:
+    """Chat-style logprobs: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+    content = []
+    for e in entries:
+        text, raw = tokens.get(e.token_id)
+        top = []
+        for token_id, lp in e.top[:num_top]:
+            t, b = tokens.get(token_id)
+            top.append({"token": t, "logprob": lp, "bytes": b})
+        content.append({"token": text, "logprob": e.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out

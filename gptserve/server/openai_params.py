@@ -1,0 +1,95 @@
+"""From an OpenAI request body to engine `SamplingParams`, plus the context-length check.
+
+Range checks live in `SamplingParams`; its errors name the engine's field, which `renames` maps back
+to the name the client used (chat's `max_completion_tokens`, `top_logprobs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gptserve.errors import InvalidRequestError
+from gptserve.sampling_params import SamplingParams
+from gptserve.server.errors import APIError, bad_request, from_invalid_request
+from gptserve.server.openai_protocol import SamplingFields
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    if not raw:
+        return None
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    return out
+
+
+def build_sampling_params(
+    req: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    renames: dict[str, str] | None = None,
+) -> SamplingParams:
+    """The request's sampling fields as `SamplingParams`; a 400 naming the field if one is out of range."""
+
+    def pick(value, default):
+        return default if value is None else value
+
+    try:
+        return SamplingParams(
+            n=req.n,
+            max_tokens=max_tokens,
+            temperature=pick(req.temperature, 1.0),
+            top_p=pick(req.top_p, 1.0),
+            top_k=pick(req.top_k, 0),
+            min_p=pick(req.min_p, 0.0),
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=pick(req.repetition_penalty, 1.0),
+            logit_bias=_logit_bias(req.logit_bias),
+            stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+    except InvalidRequestError as e:
+        raise from_invalid_request(e, renames) from None
+
+
+def fit_to_context(
+    params: SamplingParams,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    prompt_param: str,
+    max_tokens_param: str = "max_tokens",
+) -> SamplingParams:
+    """Check that prompt + max_tokens fits the context; without max_tokens, fill what is left."""
+    requested = params.max_tokens
+    if requested is None:
+        if num_prompt_tokens >= max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens (max_model_len), but the "
+                f"{prompt_param} has {num_prompt_tokens} tokens, leaving no room for a completion "
+                f"({max_tokens_param} was not set). Shorten the {prompt_param}.",
+                prompt_param,
+                "context_length_exceeded",
+            )
+        return dataclasses.replace(params, max_tokens=max_model_len - num_prompt_tokens)
+    if num_prompt_tokens + requested > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens (max_model_len), but "
+            f"{num_prompt_tokens + requested} were requested: {num_prompt_tokens} in the {prompt_param} "
+            f"and {requested} for the completion ({max_tokens_param}={requested}). Shorten the "
+            f"{prompt_param} or lower {max_tokens_param}.",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    return params

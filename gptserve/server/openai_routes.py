@@ -1,0 +1,92 @@
+"""The OpenAI-compatible routes (`/v1/models`, `/v1/completions`, `/v1/chat/completions`) and vLLM's
+`/tokenize` and `/detokenize`. Handlers are thin: the work is in `serving_*.py`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from gptserve.server.errors import bad_request
+from gptserve.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from gptserve.server.serving import OpenAIServing
+from gptserve.server.serving_chat import create_chat_completion
+from gptserve.server.serving_completions import create_completion
+
+
+def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
+    """The routes, each guarded by the `auth` dependency."""
+    router = APIRouter(dependencies=[Depends(auth)])
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        data = [
+            {"id": name, "object": "model", "created": serving.created, "owned_by": "gptserve",
+             "root": serving.model_path or name, "parent": None, "max_model_len": serving.max_model_len}
+            for name in serving.served_model_names
+        ]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(serving, body, raw)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(serving, body, raw)
+
+    @router.post("/tokenize")
+    async def tokenize(raw: Request) -> dict[str, Any]:
+        body = await _json_object(raw)
+        try:
+            if "messages" in body:
+                chat = TokenizeChatRequest.model_validate(body)
+                serving.model_name(chat.model)
+                text = serving.render_chat(
+                    chat.messages, chat.add_generation_prompt, chat.continue_final_message,
+                    chat.chat_template_kwargs,
+                )  # fmt: skip
+                add_special, want_strs = chat.add_special_tokens, chat.return_token_strs
+            else:
+                plain = TokenizeCompletionRequest.model_validate(body)
+                serving.model_name(plain.model)
+                text, add_special, want_strs = plain.prompt, plain.add_special_tokens, plain.return_token_strs
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        tokens = serving.tokenize(text, add_special)
+        strs = [serving.tokens.text(t) for t in tokens] if want_strs else None
+        return {
+            "count": len(tokens),
+            "max_model_len": serving.max_model_len,
+            "tokens": tokens,
+            "token_strs": strs,
+        }
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        serving.model_name(body.model)
+        vocab = serving.engine.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary of {vocab}", "tokens")
+        return {"prompt": serving.decode(body.tokens)}
+
+    return router
+
+
+async def _json_object(raw: Request) -> dict[str, Any]:
+    try:
+        body = await raw.json()
+    except ValueError:
+        raise bad_request("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body

@@ -1,0 +1,138 @@
+"""`POST /v1/chat/completions`: messages -> chat template -> one engine request with `n` samples."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gptserve.server.async_engine import EngineDeadError
+from gptserve.server.errors import APIError, bad_request
+from gptserve.server.openai_format import chat_logprobs, usage
+from gptserve.server.openai_params import build_sampling_params, fit_to_context
+from gptserve.server.openai_protocol import ChatCompletionRequest
+from gptserve.server.request_stream import RequestStream
+from gptserve.server.serving import OpenAIServing
+from gptserve.server.streaming import (
+    DONE,
+    abort_all,
+    cancel_on_disconnect,
+    choice_deltas,
+    final_outputs,
+    sse,
+    sse_error,
+)
+
+
+@dataclass
+class _Job:
+    id: str
+    model: str
+    created: int
+    req: ChatCompletionRequest
+    stream: RequestStream
+    num_top: int | None  # top_logprobs per token, None = no logprobs
+
+    def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}  # fmt: skip
+
+    @property
+    def object(self) -> str:
+        return "chat.completion.chunk" if self.req.stream else "chat.completion"
+
+
+def _check_unsupported(req: ChatCompletionRequest) -> None:
+    if req.tools:
+        raise bad_request("tool calling is not supported by this server", "tools")
+    if req.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice is not supported by this server (tools are not)", "tool_choice")
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        raise bad_request(
+            f"response_format {req.response_format.get('type')!r} is not supported", "response_format"
+        )
+    if req.echo:
+        raise bad_request("echo is not supported for chat completions", "echo")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+
+async def create_chat_completion(
+    serving: OpenAIServing, req: ChatCompletionRequest, raw: Request
+) -> Response:
+    model = serving.model_name(req.model)
+    _check_unsupported(req)
+    max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    num_top = (req.top_logprobs or 0) if req.logprobs else None
+    renames = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
+    params = build_sampling_params(req, max_tokens, num_top, renames)
+    text = serving.render_chat(
+        req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs
+    )
+    prompt = serving.tokenize(text, add_special_tokens=False)
+    params = fit_to_context(params, len(prompt), serving.max_model_len, "messages", max_tokens_param)
+    job_id = f"chatcmpl-{uuid.uuid4().hex}"
+    (stream,) = await serving.admit(job_id, [prompt], [params])
+    job = _Job(job_id, model, int(time.time()), req, stream, num_top)
+    if req.stream:
+        return StreamingResponse(_stream(serving, job), media_type="text/event-stream")
+    result = await cancel_on_disconnect(raw, _complete(serving, job))
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
+    try:
+        (out,) = await final_outputs([job.stream])
+    except EngineDeadError as e:
+        raise APIError(503, str(e)) from None
+    choices = []
+    for c in out.outputs:
+        logprobs = (
+            None if job.num_top is None else chat_logprobs(c.logprobs or [], serving.tokens, job.num_top)
+        )
+        choices.append(
+            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
+             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        )  # fmt: skip
+    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    return job.body(
+        choices, usage=usage(job.stream.num_prompt_tokens, completion_tokens, out.num_cached_tokens)
+    )
+
+
+async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
+    req = job.req
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    tail = {"usage": None} if include_usage else {}
+    completion_tokens = 0
+
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse(job.body([choice], **tail))
+
+    try:
+        for i in range(req.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for d in choice_deltas([job.stream], req.n):
+            logprobs = None
+            if job.num_top is not None and d.logprobs:
+                logprobs = chat_logprobs(d.logprobs, serving.tokens, job.num_top)
+            if d.finish_reason is not None:
+                completion_tokens += d.num_tokens
+            delta = {"content": d.text} if d.text else {}
+            yield chunk(d.index, delta, logprobs, d.finish_reason)
+        if include_usage:
+            yield sse(job.body([], usage=usage(job.stream.num_prompt_tokens, completion_tokens)))
+    except APIError as e:
+        yield sse_error(e.status, e.message, e.code)
+    except EngineDeadError as e:
+        yield sse_error(503, str(e))
+    finally:
+        abort_all([job.stream])
+    yield DONE

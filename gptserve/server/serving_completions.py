@@ -1,0 +1,159 @@
+"""`POST /v1/completions`: prompts in every form OpenAI allows, `n` samples each, streamed or not.
+
+Each prompt of a request is one engine request; its `n` samples are forked inside the engine. Choice
+`i * n + j` is sample `j` of prompt `i`, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gptserve.server.async_engine import EngineDeadError
+from gptserve.server.errors import APIError, bad_request
+from gptserve.server.openai_format import completion_logprobs, usage
+from gptserve.server.openai_params import build_sampling_params, fit_to_context
+from gptserve.server.openai_protocol import CompletionRequest
+from gptserve.server.request_stream import RequestStream
+from gptserve.server.serving import OpenAIServing
+from gptserve.server.streaming import (
+    DONE,
+    abort_all,
+    cancel_on_disconnect,
+    choice_deltas,
+    final_outputs,
+    sse,
+    sse_error,
+)
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Job:
+    """One admitted completion request."""
+
+    id: str
+    model: str
+    created: int
+    req: CompletionRequest
+    streams: list[RequestStream]
+    echo: list[str] | None  # prompt texts to put in front of each choice
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(s.num_prompt_tokens for s in self.streams)
+
+    def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, **extra}  # fmt: skip
+
+
+async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw: Request) -> Response:
+    model = serving.model_name(req.model)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of different from n is not supported", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request(
+            "echo together with logprobs is not supported (prompt logprobs are not computed)", "echo"
+        )
+    prompts = _prompt_list(req.prompt)
+    if not prompts:
+        raise bad_request("prompt is empty", "prompt")
+    token_prompts = [
+        serving.tokenize(p, req.add_special_tokens) if isinstance(p, str) else p for p in prompts
+    ]
+    base = build_sampling_params(req, req.max_tokens, req.logprobs)
+    params = [fit_to_context(base, len(t), serving.max_model_len, "prompt") for t in token_prompts]
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else serving.decode(p) for p in prompts]
+    job_id = f"cmpl-{uuid.uuid4().hex}"
+    streams = await serving.admit(job_id, token_prompts, params)
+    job = _Job(job_id, model, int(time.time()), req, streams, echo)
+    if req.stream:
+        return StreamingResponse(_stream(serving, job), media_type="text/event-stream")
+    result = await cancel_on_disconnect(raw, _complete(serving, job))
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
+    try:
+        finals = await final_outputs(job.streams)
+    except EngineDeadError as e:
+        raise APIError(503, str(e)) from None
+    req = job.req
+    choices = []
+    completion_tokens = 0
+    for i, out in enumerate(finals):
+        prefix = job.echo[i] if job.echo else ""
+        for c in out.outputs:
+            completion_tokens += len(c.token_ids)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(c.logprobs or [], serving.tokens, len(prefix), req.logprobs)
+            choices.append(
+                {"index": i * req.n + c.index, "text": prefix + c.text, "logprobs": logprobs,
+                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            )  # fmt: skip
+    cached = sum(out.num_cached_tokens for out in finals)
+    return job.body(choices, usage=usage(job.num_prompt_tokens, completion_tokens, cached))
+
+
+async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
+    req = job.req
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    tail = {"usage": None} if include_usage else {}
+    offsets: dict[int, int] = {}
+    completion_tokens = 0
+
+    def chunk(
+        index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None
+    ) -> str:
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop,
+        }
+        return sse(job.body([choice], **tail))
+
+    try:
+        for i, text in enumerate(job.echo or []):
+            for j in range(req.n):
+                offsets[i * req.n + j] = len(text)
+                yield chunk(i * req.n + j, text)
+        async for d in choice_deltas(job.streams, req.n):
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(
+                    d.logprobs, serving.tokens, offsets.get(d.index, 0), req.logprobs
+                )
+                offsets[d.index] = offsets.get(d.index, 0) + sum(len(t) for t in logprobs["tokens"])
+            if d.finish_reason is not None:
+                completion_tokens += d.num_tokens
+            yield chunk(d.index, d.text, logprobs, d.finish_reason, d.stop_reason)
+        if include_usage:
+            yield sse(job.body([], usage=usage(job.num_prompt_tokens, completion_tokens)))
+    except APIError as e:
+        yield sse_error(e.status, e.message, e.code)
+    except EngineDeadError as e:
+        yield sse_error(503, str(e))
+    finally:
+        abort_all(job.streams)
+    yield DONE
