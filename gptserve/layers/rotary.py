@@ -4,6 +4,12 @@ One `RotaryEmbedding` per model holds a float32 [max_positions, rotary_dim] tabl
 by each token's absolute position, so the packed batch may mix sequences at any offsets. Only the first
 `rotary_dim` channels of every head rotate (partial rotary, as GPT-J and GPT-NeoX use); the rest pass through.
 
+A model looks the step's positions up once (`cos_sin`) and hands the result to every layer's `rotate_`,
+which turns all heads of its input in place, q and k together where they sit side by side in the fused
+qkv projection: x * cos + swap(x) * signed_sin, with swap exchanging each channel and its rotation partner
+and the sign of sin folded into the table. Decoding is bound by per-op overhead, so a rotation is four
+elementwise ops whatever the head count, and partial rotary needs no re-assembly.
+
 Layouts: "rotate half" (GPT-NeoX, Llama) pairs channel i with i + rotary_dim/2; "interleaved" (GPT-J,
 mesh-transformer-jax's rotate_every_two) pairs channels 2i and 2i+1.
 """
@@ -11,7 +17,7 @@ mesh-transformer-jax's rotate_every_two) pairs channels 2i and 2i+1.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +26,15 @@ from gptserve.config import ModelConfig
 from gptserve.errors import ModelLoadError
 
 SUPPORTED_SCALING = ("linear", "dynamic", "llama3")
+
+
+class Rope(NamedTuple):
+    """One forward pass's rotation tables: cos [T, 1, rotary_dim], and sin with its sign folded in,
+    shaped like the swapped channel pairs it multiplies ([T, 1, 2, rotary_dim/2] for rotate-half,
+    [T, 1, rotary_dim/2, 2] for interleaved)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 def base_inv_freq(rotary_dim: int, base: float | torch.Tensor) -> torch.Tensor:
@@ -111,24 +126,32 @@ class RotaryEmbedding(nn.Module):
             interleaved,
         )
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The tables `rotate_` takes for tokens at `positions`, in `dtype`. They depend only on the
+        positions, so one lookup serves every layer of a forward pass."""
+        # Cast before multiplying, as the reference does, so half-precision results round identically.
+        cos, sin = self.cos_sin_cache[positions].to(dtype)[:, None, :].chunk(2, dim=-1)  # [T, 1, rot/2]
+        if self.interleaved:  # channels 2i and 2i+1 share frequency i
+            return Rope(cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1))
+        return Rope(torch.cat((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-2))
+
+    def rotate_(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Rotate x [T, n*head_dim] (any number of heads; rows may be strided) in place; returns x."""
+        num_tokens, rot = x.shape[0], self.rotary_dim
+        heads = x.view(num_tokens, -1, self.head_dim)
+        part = heads[..., :rot] if rot < self.head_dim else heads
+        # swap: each pair (x1, x2) -> (x2, x1); times the signed sin it is (-x2 sin, x1 sin). Each product
+        # rounds to the activation dtype before the sum, as in the reference.
+        pairs = (rot // 2, 2) if self.interleaved else (2, rot // 2)
+        swapped = part.unflatten(-1, pairs).flip(-1 if self.interleaved else -2)
+        swapped.mul_(rope.sin)
+        part.mul_(rope.cos)
+        part.add_(swapped.view(part.shape))
+        return x
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T], q [T, heads*head_dim], k [T, kv_heads*head_dim] -> rotated (q, k), same shapes."""
-        # Cast before multiplying, as the reference does, so half-precision results round identically.
-        cos, sin = self.cos_sin_cache[positions].to(q.dtype)[:, None, :].chunk(2, dim=-1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        x = x.view(num_tokens, -1, self.head_dim)
-        rot = x[..., : self.rotary_dim]
-        if self.interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = rot.chunk(2, dim=-1)
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        if self.rotary_dim < self.head_dim:
-            rotated = torch.cat((rotated, x[..., self.rotary_dim :]), dim=-1)
-        return rotated.reshape(num_tokens, -1)
+        rope = self.cos_sin(positions, q.dtype)
+        return self.rotate_(q.clone(), rope), self.rotate_(k.clone(), rope)

@@ -29,6 +29,8 @@ from gptserve.sampling_params import SamplingParams
 _MIN_TEMPERATURE = 1e-5
 # Best logits per row in which the top-p nucleus is sought first on CPU (see `apply_top_k_top_p`).
 _TOP_P_CANDIDATES = 256
+# Width of the blocks `row_argmax` reduces first.
+_ARGMAX_BLOCK = 1024
 
 
 @dataclass
@@ -99,6 +101,23 @@ def _on_rows(x: torch.Tensor, rows: list[int], stage: Callable[[torch.Tensor], t
     return x
 
 
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` of a [rows, vocab] tensor: the first index of each row's maximum.
+
+    On CPU argmax is a scalar loop (about 40 us per 50k-entry row) while amax is vectorised, so a
+    vocabulary that splits into whole blocks is reduced block-wise first: the first block holding the
+    row's maximum, then the first maximum inside it. That is the same index, NaN included (both
+    reductions treat NaN as the largest value), in about half the time for one row, an eighth for 16.
+    """
+    rows, vocab = x.shape
+    if x.device.type != "cpu" or vocab % _ARGMAX_BLOCK or vocab < 4 * _ARGMAX_BLOCK or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    blocks = x.view(rows, vocab // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    best = blocks.amax(dim=-1).argmax(dim=-1)
+    inside = blocks[torch.arange(rows, device=x.device), best].argmax(dim=-1)
+    return best * _ARGMAX_BLOCK + inside
+
+
 class Sampler:
     """Picks one token per row of a [rows, vocab] float32 logits tensor. The input is never modified."""
 
@@ -111,14 +130,14 @@ class Sampler:
         processed = self.process_logits(raw, rows)
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         if len(greedy) == len(rows):
-            tokens = processed.argmax(dim=-1)
+            tokens = row_argmax(processed)
         else:
             sampling = [i for i, row in enumerate(rows) if not row.params.greedy]
             sampling_rows = [rows[i] for i in sampling]
             processed_sampling = processed[_long(sampling, raw.device)] if greedy else processed
             drawn = self._draw(self.warp_logits(processed_sampling, sampling_rows), sampling_rows)
             if greedy:
-                tokens = processed.argmax(dim=-1)
+                tokens = row_argmax(processed)
                 tokens.index_copy_(0, _long(sampling, raw.device), drawn)
             else:
                 tokens = drawn
@@ -225,7 +244,7 @@ class Sampler:
                     torch.empty(x.shape[1], device=generator.device).uniform_(generator=generator)
                 )
         log_noise = uniform.log_().neg_().log_()
-        return x.sub_(log_noise).argmax(dim=-1)
+        return row_argmax(x.sub_(log_noise))
 
     def _with_logprobs(
         self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
@@ -234,8 +253,8 @@ class Sampler:
         device = raw.device
         asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         if len(asking) < len(rows):
-            # One reduction per row; the full log_softmax is only built for rows that want top log-probs.
-            chosen = raw.gather(1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(raw, dim=-1)
+            # log_softmax is one fused pass on CPU, faster than logsumexp's several.
+            chosen = raw.log_softmax(dim=-1).gather(1, tokens.unsqueeze(-1)).squeeze(-1)
         top_values = top_ids = None
         if asking:
             index = _long(asking, device)

@@ -34,8 +34,7 @@ class GPT2Attention(nn.Module):
         self.attn = Attention(config.num_heads, config.num_heads, config.head_dim, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.c_attn(x).chunk(3, dim=-1)
-        return self.c_proj(self.attn(q, k, v))
+        return self.c_proj(self.attn.forward_packed(self.c_attn(x)))
 
 
 class GPT2MLP(nn.Module):

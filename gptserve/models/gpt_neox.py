@@ -15,7 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.rotary import RotaryEmbedding
+from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
 
 
@@ -23,15 +23,16 @@ class GPTNeoXAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
         hidden, bias = config.hidden_size, config.attention_bias
+        self.hidden_size = hidden
         self.qkv_proj = uninitialized(nn.Linear, hidden, 3 * hidden, bias=bias)
         self.dense = uninitialized(nn.Linear, hidden, hidden, bias=bias)
         self.rotary_emb = rotary_emb
         self.attn = Attention(config.num_heads, config.num_heads, config.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.dense(self.attn(q, k, v))
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        self.rotary_emb.rotate_(qkv[:, : 2 * self.hidden_size], rope)  # q and k heads, in place
+        return self.dense(self.attn.forward_packed(qkv))
 
 
 class GPTNeoXMLP(nn.Module):
@@ -54,8 +55,8 @@ class GPTNeoXLayer(nn.Module):
         self.attention = GPTNeoXAttention(config, rotary_emb)
         self.mlp = GPTNeoXMLP(config)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attention(positions, self.input_layernorm(x))
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attention(rope, self.input_layernorm(x))
         if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
             return self.mlp(self.post_attention_layernorm(x)) + attn + x
         h = attn + x
@@ -65,15 +66,16 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        rotary_emb = RotaryEmbedding.from_config(config)  # shared by every layer
+        self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config)  # shared by every layer
         self.embed_in = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GPTNeoXLayer(config, rotary_emb) for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_in(input_ids)
+        rope = self.rotary_emb.cos_sin(positions, x.dtype)  # looked up once for all layers
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(rope, x)
         return self.final_layer_norm(x)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.rotary import RotaryEmbedding
+from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
 
 
@@ -21,15 +21,16 @@ class GPTJAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
         hidden = config.hidden_size
+        self.hidden_size = hidden
         self.qkv_proj = uninitialized(nn.Linear, hidden, 3 * hidden, bias=False)
         self.out_proj = uninitialized(nn.Linear, hidden, hidden, bias=False)
         self.rotary_emb = rotary_emb
         self.attn = Attention(config.num_heads, config.num_heads, config.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.out_proj(self.attn(q, k, v))
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        self.rotary_emb.rotate_(qkv[:, : 2 * self.hidden_size], rope)  # q and k heads, in place
+        return self.out_proj(self.attn.forward_packed(qkv))
 
 
 class GPTJMLP(nn.Module):
@@ -50,23 +51,24 @@ class GPTJBlock(nn.Module):
         self.attn = GPTJAttention(config, rotary_emb)
         self.mlp = GPTJMLP(config)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        return self.attn(positions, h) + self.mlp(h) + x
+        return self.attn(rope, h) + self.mlp(h) + x
 
 
 class GPTJModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        rotary_emb = RotaryEmbedding.from_config(config, interleaved=True)  # shared by every layer
+        self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config, interleaved=True)  # shared
         self.wte = embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(GPTJBlock(config, rotary_emb) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids)
+        rope = self.rotary_emb.cos_sin(positions, x.dtype)  # looked up once for all layers
         for block in self.h:
-            x = block(positions, x)
+            x = block(rope, x)
         return self.ln_f(x)
 
 

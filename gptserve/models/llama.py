@@ -1,7 +1,8 @@
 """Llama (also SmolLM2, TinyLlama, Mistral-style GQA): RMSNorm, rotate-half RoPE, SwiGLU, pre-norm residuals.
 
 q/k/v are packed into one `qkv_proj` and gate/up into one `gate_up_proj` at load time, so each layer
-runs four GEMMs.
+runs four GEMMs. The model looks up the step's rotary tables once; every layer rotates its q and k heads
+together, in place in the qkv output, and hands the packed qkv to attention.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from gptserve.config import ModelConfig
 from gptserve.layers.activation import ActAndMul
 from gptserve.layers.attention import Attention
 from gptserve.layers.norms import RMSNorm
-from gptserve.layers.rotary import RotaryEmbedding
+from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
 
 
@@ -32,10 +33,10 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        self.rotary_emb.rotate_(qkv[:, : self.q_size + self.kv_size], rope)  # q and k heads, in place
+        return self.o_proj(self.attn.forward_packed(qkv))
 
 
 class LlamaMLP(nn.Module):
@@ -58,8 +59,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -67,15 +68,16 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         # One cos/sin table shared by every layer.
-        rotary_emb = RotaryEmbedding.from_config(config)
+        self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config)
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(rope, x)
         return self.norm(x)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gptserve.layers.quantized_linear import SMALL_BATCH, Int4Linear, Int8Linear, quantize_linears
+from gptserve.layers.quantized_linear import Int4Linear, Int8Linear, quantize_linears
 from gptserve.loading.default_model import default_model_path
 from gptserve.loading.gguf_file import GGUFModelFile
 
@@ -37,15 +37,17 @@ def test_quantization_error_is_bounded(cls, bound):
     assert err < bound * dense.weight.abs().max().item()
 
 
-def test_dense_copy_serves_large_batches_and_compact_small_ones():
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_dense_copy_serves_large_batches_and_compact_small_ones(cls):
     dense = _linear(64, 128, torch.float32)
-    q = Int8Linear.from_linear(dense)
+    q = cls.from_linear(dense)
     q.dense = dense.weight.detach()
-    big = torch.randn(SMALL_BATCH + 1, 128)
+    big = torch.randn(cls.small_batch + 1, 128)
     assert torch.allclose(q(big), dense(big), atol=1e-6)  # exactly the dense GEMM
-    small = torch.randn(1, 128)
+    small = torch.randn(cls.small_batch, 128)
     ref = nn.functional.linear(small, q.dequantized(), dense.bias)
     assert torch.allclose(q(small), ref, atol=1e-4)
+    assert not torch.allclose(q(small), dense(small), atol=1e-6)  # the compact weights, not the dense
 
 
 def test_int4_represents_gguf_q4_1_blocks_exactly():

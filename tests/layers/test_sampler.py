@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from gptserve.layers import logits_processors as lp
-from gptserve.layers.sampler import Sampler, SamplingRow, make_generator
+from gptserve.layers.sampler import Sampler, SamplingRow, make_generator, row_argmax
 from gptserve.sampling_params import SamplingParams
 
 VOCAB = 512
@@ -306,3 +306,15 @@ def test_empty_batch_and_shape_mismatch() -> None:
     assert out.token_ids == [] and out.logprobs == [] and out.top_logprobs == []
     with pytest.raises(ValueError):
         Sampler()(random_logits(2), [make_row(SamplingParams(temperature=0.0))])
+
+
+@pytest.mark.parametrize("vocab", [49152, 8192, 50257, VOCAB])
+def test_row_argmax_is_argmax(vocab: int) -> None:
+    x = random_logits(6, vocab, seed=5)
+    x[1, [100, vocab - 3]] = x[1].max() + 1  # a tie across blocks: the first index wins
+    x[2] = 0.0  # all equal
+    x[3, vocab // 2] = float("inf")
+    x[4, [vocab - 1, 300]] = float("nan")  # NaN counts as the largest value, as in torch.argmax
+    x[5, -1] = x[5].max() + 1  # last entry of the last block
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert torch.equal(row_argmax(x[:1]), x[:1].argmax(dim=-1))

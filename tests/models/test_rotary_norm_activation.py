@@ -106,6 +106,22 @@ def test_interleaved_matches_gptj(rotary_dim):
     torch.testing.assert_close(k_out, reference(k, KV_HEADS), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "interleaved,rotary_dim", [(False, HEAD_DIM), (False, 8), (True, HEAD_DIM), (True, 8)]
+)
+def test_in_place_rotation_of_packed_qkv_matches_forward(interleaved, rotary_dim, dtype):
+    """Models rotate q and k together inside the fused qkv output; v and the other rows stay untouched."""
+    rope = RotaryEmbedding(HEAD_DIM, rotary_dim, MAX_POS, interleaved=interleaved)
+    q, k, positions = qk_and_positions(dtype, seed=3)
+    v = torch.randn_like(k)
+    qkv = torch.cat((q, k, v), dim=-1)
+    q_ref, k_ref = rope(positions, q, k)
+    out = rope.rotate_(qkv[:, : q.shape[1] + k.shape[1]], rope.cos_sin(positions, dtype))
+    assert out.data_ptr() == qkv.data_ptr()
+    assert torch.equal(qkv, torch.cat((q_ref, k_ref, v), dim=-1))
+
+
 def test_dynamic_ntk_uses_each_positions_own_length():
     factor, theta = 2.0, 10000.0
     hf_config = LlamaConfig(
