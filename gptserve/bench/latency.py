@@ -7,12 +7,11 @@ import argparse
 import time
 from typing import Any
 
-import torch
-
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes
 from gptserve.bench.hf_baseline import hf_generate_time, load_hf_model
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import median, random_prompts
+from gptserve.config import parse_dtype
 from gptserve.llm import LLM
 from gptserve.sampling_params import SamplingParams
 
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
     ]
     if args.baseline == "hf":
         for name in args.baseline_dtypes.split(","):
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name.strip()]
+            dtype = parse_dtype(name.strip())
             net = load_hf_model(args.model, dtype, device)
             hf_generate_time(net, [prompt], 4)  # warm-up
             hf_ttft = median([hf_generate_time(net, [prompt], 1) for _ in range(args.repeats)])

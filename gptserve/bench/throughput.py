@@ -7,11 +7,10 @@ import argparse
 import time
 from typing import Any
 
-import torch
-
 from gptserve.bench.hf_baseline import hf_generate_time, load_hf_model
 from gptserve.bench.report import print_table, write_json
 from gptserve.bench.workload import random_prompts
+from gptserve.config import parse_dtype
 from gptserve.llm import LLM
 from gptserve.sampling_params import SamplingParams
 
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
     if args.baseline == "hf":
         device = llm.engine.config.device
         for name in args.baseline_dtypes.split(","):
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name.strip()]
+            dtype = parse_dtype(name.strip())
             net = load_hf_model(args.model, dtype, device)
             hf_generate_time(net, prompts[:2], 4)  # warm-up
             seconds = hf_generate_time(net, prompts, args.output_len)
