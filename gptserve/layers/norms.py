@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size))  # filled by load_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The normalisation runs in float32 (one fused call) and rounds to the input dtype before the
-        # weight is applied, as the Hugging Face reference does, so results match it bit for bit.
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return normed.to(x.dtype) * self.weight
+        # Without a weight, F.rms_norm computes in float32 and rounds to the input dtype in one call; the
+        # weight is applied after that rounding, as the Hugging Face reference does, so results match it
+        # bit for bit (tests/models/test_rotary_norm_activation.py).
+        return F.rms_norm(x, self.weight.shape, eps=self.eps) * self.weight
