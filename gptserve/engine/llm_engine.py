@@ -1,8 +1,10 @@
 """The engine core: admit requests, step the scheduler and the model, sample, and report results.
 
-`step()` is one iteration of continuous batching: schedule -> run the model on the packed batch ->
-sample every sequence that reached its last token -> append tokens, check stop conditions, free the
-blocks of finished sequences. It never waits on anything but the model.
+`step_tokens()` is one iteration of continuous batching: schedule -> run the model on the packed batch ->
+sample every sequence that reached its last token -> append tokens, check the stop conditions that are
+token ids (EOS, stop tokens, token sequences, lengths), free the blocks of finished sequences. It never
+waits on anything but the model, and produces token ids only. Text (detokenization, stop strings) is the
+`OutputProcessor`'s job: the server runs it on its event loop; `step()` runs it inline for offline use.
 """
 
 from __future__ import annotations
@@ -49,12 +51,12 @@ class LLMEngine:
             model, config.model, num_blocks, config.cache.block_size, config.device, config.dtype
         )
         self.sampler = Sampler()
-        self.output_processor = OutputProcessor(tokenizer)
         self.requests: dict[str, Request] = {}
         self._finished_outside_step: list[Request] = []
         self.eos_token_ids = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
@@ -64,8 +66,13 @@ class LLMEngine:
             raise InvalidRequestError("this model has no tokenizer: send token ids instead of text", "prompt")
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> Request:
-        """Validate and queue a request. Raises `InvalidRequestError` naming the problem."""
+    def add_request(
+        self, request_id: str, prompt: str | Seq[int], params: SamplingParams, detokenize: bool = True
+    ) -> Request:
+        """Validate and queue a request. Raises `InvalidRequestError` naming the problem.
+
+        With `detokenize`, `step()` reports the request's text; without, only `step_tokens()` reports it
+        and the caller runs its own `OutputProcessor`."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         text = prompt if isinstance(prompt, str) else None
@@ -90,6 +97,8 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add(request)
         self.num_prompt_tokens += len(token_ids)
+        if detokenize:
+            self.output_processor.add_request(request_id, token_ids, params)
         return request
 
     def abort_request(self, request_id: str) -> None:
@@ -102,6 +111,19 @@ class LLMEngine:
         self.scheduler.finish(request)
         self._finished_outside_step.append(request)
 
+    def finish_sequence(self, request_id: str, index: int, stop_reason: str | int | None = None) -> None:
+        """End one sequence of a request (a stop string matched its text); its blocks are freed at once."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return
+        for seq in request.live_seqs:
+            if seq.index == index:
+                seq.finish_reason, seq.stop_reason = "stop", stop_reason
+                self.kv.free(seq)
+        if not request.live_seqs:
+            self.scheduler.finish(request)
+            self._finished_outside_step.append(request)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished_outside_step)
 
@@ -113,7 +135,22 @@ class LLMEngine:
 
     # --------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Run one engine iteration; returns the requests that progressed or finished."""
+        """Run one engine iteration; returns, with their text, the requests added with `detokenize`
+        that progressed or finished. A stop string ends its sequence here, before the next step."""
+        results = []
+        for out in self.step_tokens():
+            processed, stopped = self.output_processor.process(out)
+            if processed is None:
+                continue
+            for c in processed.outputs:
+                if c.index in stopped:
+                    self.finish_sequence(out.request_id, c.index, c.stop_reason)
+            results.append(processed)
+        return results
+
+    def step_tokens(self) -> list[RequestOutput]:
+        """Run one engine iteration; returns the requests that progressed or finished, as token ids
+        (`text` and `delta_text` empty)."""
         out = self.scheduler.schedule()
         touched: dict[str, Request] = {}
         for request in out.failed:
@@ -125,14 +162,13 @@ class LLMEngine:
             touched[request.request_id] = request
         self._finished_outside_step = []
         deltas: dict[int, list[int]] = {}
-        texts: dict[int, str] = {}
         if out.scheduled:
             logits, entries = self.runner.execute(out.scheduled, out.block_copies)
             for item in out.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
                 self.kv.cache_full_blocks(item.seq)
-            self._sample(out.scheduled, logits, entries, deltas, texts, touched)
-        return [self._output(r, deltas, texts) for r in touched.values()]
+            self._sample(out.scheduled, logits, entries, deltas, touched)
+        return [self._output(r, deltas) for r in touched.values()]
 
     def _sample(
         self,
@@ -140,7 +176,6 @@ class LLMEngine:
         logits: torch.Tensor,
         entries: list[int],
         deltas: dict[int, list[int]],
-        texts: dict[int, str],
         touched: dict[str, Request],
     ) -> None:
         by_request: dict[str, list[tuple[Sequence, int]]] = {}
@@ -156,7 +191,7 @@ class LLMEngine:
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
             if request.params.use_beam_search:
-                self._beam_step(request, logits[[r for _, r in seq_rows]], seq_rows, deltas, texts)
+                self._beam_step(request, logits[[r for _, r in seq_rows]], seq_rows)
                 continue
             if not request.forked:
                 seq_rows = self._fork_samples(request, seq_rows)
@@ -173,7 +208,7 @@ class LLMEngine:
             seq.cumulative_logprob += logprob
             if request.params.logprobs is not None:
                 seq.logprobs.append(TokenLogprob(token, logprob, result.top_logprobs[i] or []))
-            self._append(request, seq, token, deltas, texts)
+            self._append(request, seq, token, deltas)
         for request, _ in targets:
             self._maybe_finish_request(request)
 
@@ -203,9 +238,7 @@ class LLMEngine:
         )
 
     # ---------------------------------------------------------------------------------- stop conditions
-    def _append(
-        self, request: Request, seq: Sequence, token: int, deltas: dict[int, list[int]], texts: dict[int, str]
-    ) -> None:
+    def _append(self, request: Request, seq: Sequence, token: int, deltas: dict[int, list[int]]) -> None:
         params = request.params
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
@@ -223,16 +256,7 @@ class LLMEngine:
             or seq.num_tokens >= self.max_model_len
         ):
             seq.finish_reason = "length"
-        # A token that ended the sequence by id (EOS, stop_token_ids) adds no text.
-        ended_by_token = seq.finish_reason == "stop" and (
-            token in self.eos_token_ids or seq.stop_reason == token
-        )
-        if not ended_by_token:
-            texts[seq.seq_id] = texts.get(seq.seq_id, "") + self.output_processor.add_tokens(
-                seq, params, [token]
-            )
         if seq.finished:
-            texts[seq.seq_id] = texts.get(seq.seq_id, "") + self.output_processor.finish(seq, params)
             self.kv.free(seq)
 
     def _maybe_finish_request(self, request: Request) -> None:
@@ -245,8 +269,6 @@ class LLMEngine:
         request: Request,
         logits: torch.Tensor,
         seq_rows: list[tuple[Sequence, int]],
-        deltas: dict[int, list[int]],
-        texts: dict[int, str],
     ) -> None:
         params = request.params
         if request.beam_state is None:
@@ -277,7 +299,7 @@ class LLMEngine:
                 self.kv.free(seq)
                 seq.finish_reason = "stop"
             request.seqs = []
-            self._finish_beams(request, texts)
+            self._finish_beams(request)
             return
         # The first continuation of a beam keeps its sequence; further ones fork it (sharing blocks).
         used: set[int] = set()
@@ -300,31 +322,27 @@ class LLMEngine:
         request.seqs = new_beams
         self.num_generated_tokens += len(new_beams)
 
-    def _finish_beams(self, request: Request, texts: dict[int, str]) -> None:
+    def _finish_beams(self, request: Request) -> None:
         best = request.finished_beams[: request.params.n]
         for i, seq in enumerate(best):
             seq.index = i
-            self.output_processor.add_tokens(seq, request.params, seq.output_token_ids)
-            self.output_processor.finish(seq, request.params)
-            texts[seq.seq_id] = seq.text
         request.seqs = best
         request.finished_beams = []
         self.scheduler.finish(request)
 
     # ------------------------------------------------------------------------------------------ output
-    def _output(self, request: Request, deltas: dict[int, list[int]], texts: dict[int, str]) -> RequestOutput:
+    def _output(self, request: Request, deltas: dict[int, list[int]]) -> RequestOutput:
         outputs = []
         for seq in sorted(request.seqs, key=lambda s: s.index):
             outputs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.text,
+                    text="",
                     token_ids=seq.output_token_ids,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
-                    delta_text=texts.get(seq.seq_id, ""),
                     delta_token_ids=deltas.get(seq.seq_id, []),
                 )
             )

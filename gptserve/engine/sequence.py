@@ -43,8 +43,6 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    text: str = ""
-    output_state: Any = None  # detokenizer + stop matcher, owned by the output processor
     beam_score: float = 0.0  # length-normalised score of a finished beam
 
     @property

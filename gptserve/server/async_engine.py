@@ -2,8 +2,10 @@
 
 One dedicated thread owns the `LLMEngine` and is the only code that touches it. It never waits on HTTP:
 new requests and aborts reach it through an inbox (a list under a condition variable, held only for an
-append or a swap) that it drains at the top of every step; what a step produced goes back to the event
-loop in one `loop.call_soon_threadsafe` call, which never blocks. When there is nothing to do the thread
+append or a swap) that it drains at the top of every step; the token ids a step produced go back to the
+event loop in one `loop.call_soon_threadsafe` call, which never blocks. Detokenization and stop strings
+run on the event loop (`OutputProcessor`); a sequence a stop string ended is stopped in the engine
+through the inbox, and tokens it produced meanwhile are dropped. When there is nothing to do the thread
 sleeps on the condition variable. On the event loop side each request has a `RequestStream` that the
 HTTP handler iterates; leaving the iteration early (a client that went away) aborts the request in the
 engine at once, which frees its KV blocks in the next iteration of the thread.
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from gptserve.engine.llm_engine import LLMEngine
+from gptserve.engine.output_processor import OutputProcessor
 from gptserve.errors import GptServeError, InvalidRequestError
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
@@ -40,6 +43,7 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self.stats = EngineStats()  # replaced (never mutated) after every engine iteration
+        self.processor = OutputProcessor(engine.tokenizer, engine.eos_token_ids)
         self.dead = False
         self.error: BaseException | None = None
         self.on_dead: list[Callable[[BaseException], Any]] = []
@@ -88,6 +92,7 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         stream = RequestStream(request_id, len(prompt_token_ids), self.abort)
         self._streams[request_id] = stream
+        self.processor.add_request(request_id, list(prompt_token_ids), params)
         self._num_unadmitted += 1
         self._submit(("add", request_id, list(prompt_token_ids), params))
         try:
@@ -132,6 +137,7 @@ class AsyncEngine:
             if stream is None:
                 continue
             if error is not None:
+                self.processor.drop(request_id)
                 del self._streams[request_id]
                 if not stream.admitted.done():
                     stream.admitted.set_exception(error)
@@ -140,7 +146,13 @@ class AsyncEngine:
                 self.metrics.prompt_tokens.inc(stream.num_prompt_tokens)
             if not stream.admitted.done():
                 stream.admitted.set_result(None)
-        for out in outputs:
+        for engine_out in outputs:
+            out, stopped = self.processor.process(engine_out)
+            if out is None:
+                continue
+            for c in out.outputs:
+                if c.index in stopped:
+                    self._submit(("stop", out.request_id, c.index, c.stop_reason))
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
@@ -169,6 +181,8 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
+        for request_id in streams:
+            self.processor.drop(request_id)
         for stream in streams.values():
             if not stream.admitted.done():
                 stream.admitted.set_exception(error)
@@ -193,7 +207,7 @@ class AsyncEngine:
                 if stopping:
                     return
                 admitted = self._apply(commands)
-                outputs = engine.step() if engine.has_unfinished_requests() else []
+                outputs = engine.step_tokens() if engine.has_unfinished_requests() else []
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(
                     self._deliver, admitted, outputs, time.monotonic(), self._snapshot()
@@ -213,10 +227,12 @@ class AsyncEngine:
             if command[0] == "add":
                 _, request_id, prompt, params = command
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    self.engine.add_request(request_id, prompt, params, detokenize=False)
                     admitted.append((request_id, None))
                 except Exception as e:  # refused: the caller gets the error, the engine goes on
                     admitted.append((request_id, e))
+            elif command[0] == "stop":
+                self.engine.finish_sequence(*command[1:])
             else:
                 self.engine.abort_request(command[1])
         return admitted

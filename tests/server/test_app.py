@@ -37,14 +37,14 @@ def _serve(llm: LLM, config: ServerConfig, body) -> None:
 
 def test_queue_limit_is_503_with_retry_after(llm: LLM) -> None:
     gate = threading.Event()
-    step = llm.engine.step
+    step = llm.engine.step_tokens
 
     def held_step():
         gate.wait()
         return step()
 
     async def body(http: httpx.AsyncClient) -> None:
-        llm.engine.step = held_step
+        llm.engine.step_tokens = held_step
         try:
             first = [asyncio.create_task(http.post("/v1/completions", json=BODY)) for _ in range(2)]
             await asyncio.sleep(0.2)  # both are queued behind the held step
@@ -53,7 +53,7 @@ def test_queue_limit_is_503_with_retry_after(llm: LLM) -> None:
             assert refused.json()["error"]["code"] == "queue_full"
         finally:
             gate.set()
-            del llm.engine.step
+            del llm.engine.step_tokens
         assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
 
     _serve(llm, ServerConfig(max_queue_len=2), body)
@@ -65,7 +65,7 @@ def test_dead_engine_is_503(llm: LLM) -> None:
 
     async def body(http: httpx.AsyncClient) -> None:
         assert (await http.get("/health")).status_code == 200
-        llm.engine.step = broken_step
+        llm.engine.step_tokens = broken_step
         try:
             r = await http.post("/v1/completions", json=BODY)
             assert r.status_code == 503 and "simulated" in r.json()["error"]["message"]
@@ -73,7 +73,7 @@ def test_dead_engine_is_503(llm: LLM) -> None:
             assert health.status_code == 503 and "simulated" in health.json()["error"]["message"]
             assert (await http.post("/v1/completions", json=BODY)).status_code == 503
         finally:
-            del llm.engine.step
+            del llm.engine.step_tokens
             for request_id in list(llm.engine.requests):
                 llm.engine.abort_request(request_id)
 

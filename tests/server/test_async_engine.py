@@ -91,7 +91,7 @@ def test_cancel_aborts_and_frees_kv(llm: LLM) -> None:
 
 def test_idle_thread_sleeps(llm: LLM) -> None:
     calls = 0
-    step = llm.engine.step
+    step = llm.engine.step_tokens
 
     def counting_step():
         nonlocal calls
@@ -99,14 +99,14 @@ def test_idle_thread_sleeps(llm: LLM) -> None:
         return step()
 
     async def body(engine: AsyncEngine) -> None:
-        llm.engine.step = counting_step
+        llm.engine.step_tokens = counting_step
         try:
             [o async for o in engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0), "idle")]
             settled = calls
             await asyncio.sleep(0.3)
             assert calls == settled, "the engine thread steps while there is nothing to do"
         finally:
-            del llm.engine.step
+            del llm.engine.step_tokens
 
     _run(llm, body)
 
@@ -118,7 +118,7 @@ def test_engine_death_is_reported(llm: LLM) -> None:
     async def body(engine: AsyncEngine) -> None:
         died: list[BaseException] = []
         engine.on_dead.append(died.append)
-        llm.engine.step = broken_step
+        llm.engine.step_tokens = broken_step
         try:
             with pytest.raises(EngineDeadError, match="simulated"):
                 async for _ in engine.generate(PROMPT, SamplingParams(max_tokens=4), "doomed"):
@@ -128,7 +128,7 @@ def test_engine_death_is_reported(llm: LLM) -> None:
             with pytest.raises(EngineDeadError):
                 await engine.add_request("after", PROMPT, SamplingParams(max_tokens=1))
         finally:
-            del llm.engine.step
+            del llm.engine.step_tokens
             llm.engine.abort_request("doomed")
 
     _run(llm, body)

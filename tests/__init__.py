@@ -1,0 +1,1 @@
+"""gptserve test suite."""
