@@ -1,4 +1,8 @@
-"""`gptserve serve`: load a model and serve it over HTTP (OpenAI-compatible API, health, metrics).
+"""`gptserve serve`: load models and serve them: the OpenAI-compatible API, Triton's KServe v2 protocol
+over HTTP and gRPC (every model of `--model-repository` directories, and MODEL), health and metrics.
+
+The OpenAI routes serve MODEL, or without one the first LLM of the repositories, or else the embedded
+default model.
 
 SIGINT/SIGTERM stop accepting connections, let in-flight requests finish, then exit 0; a second SIGINT
 forces the exit. If the engine thread dies the server shuts down and the process exits 1.
@@ -11,6 +15,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 GiB = 1 << 30
 
@@ -18,10 +23,19 @@ GiB = 1 << 30
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from gptserve.cli import add_engine_args
 
-    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible API)")
+    p = sub.add_parser("serve", help="serve models over HTTP and gRPC (OpenAI and Triton APIs)")
     add_engine_args(p)
+    p.add_argument(
+        "--model-repository", action="append", default=[], metavar="DIR",
+        help="Triton model repository (DIR/<model>/config.pbtxt + version directories); repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-control-mode", choices=["none", "explicit"], default="none",
+        help="explicit: models load and unload only through the repository API (Triton's flag)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (OpenAI API, health, metrics)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (OpenAI API, KServe v2, metrics)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port; 0 = none")
     p.add_argument(
         "--metrics-port", type=int, default=8002, help="second port serving only /metrics; 0 = none"
     )
@@ -36,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
 
 
-def _banner(engine, names: list[str], args: argparse.Namespace, template_source: str) -> str:
+def _banner(engine, names: list[str], args: argparse.Namespace, template_source: str, registry) -> str:
     cfg = engine.config
     tokens = engine.kv.num_blocks * engine.kv.block_size
     kv_bytes = cfg.cache.kv_cache_memory or 0
@@ -44,9 +58,10 @@ def _banner(engine, names: list[str], args: argparse.Namespace, template_source:
     metrics = f"{base}/metrics" + (
         f" and http://{args.host}:{args.metrics_port}/metrics" if args.metrics_port else ""
     )
+    source = args.model or ("from the model repository" if args.model_repository else None)
     lines = [
         f"gptserve: serving {', '.join(names)}",
-        f"  model          {args.model or 'embedded default (SmolLM2-135M-Instruct GGUF)'}",
+        f"  model          {source or 'embedded default (SmolLM2-135M-Instruct GGUF)'}",
         f"  architecture   {engine.model_config.architecture}",
         f"  dtype, device  {str(cfg.dtype).removeprefix('torch.')}, {cfg.device}",
         f"  context        max_model_len {engine.max_model_len} tokens",
@@ -54,9 +69,15 @@ def _banner(engine, names: list[str], args: argparse.Namespace, template_source:
         f"({kv_bytes:,} bytes, {kv_bytes / GiB:.2f} GiB)",
         f"  chat template  {template_source}",
         f"  OpenAI API     {base}/v1  (API key {'required' if args.api_key else 'not required'})",
+        f"  KServe v2      {base}/v2"
+        + (f"  gRPC {args.host}:{args.grpc_port}" if args.grpc_port else "  (gRPC off)"),
         f"  health         {base}/health",
         f"  metrics        {metrics}",
+        "  Triton models  " + ("none" if not registry.index() else ""),
     ]
+    for row in registry.index():
+        reason = f"  {row['reason']}" if row["reason"] else ""
+        lines.append(f"    {row['name']:<24} {row['version'] or '-':>4}  {row['state']}{reason}")
     return "\n".join(lines)
 
 
@@ -68,20 +89,34 @@ def run(args: argparse.Namespace) -> int:
     from gptserve.engine.builder import build_engine
     from gptserve.server.app import ServerConfig, build_app
     from gptserve.server.draining_server import DrainingServer
+    from gptserve.triton.registry import ModelRegistry
 
     args.api_key = args.api_key or os.environ.get("GPTSERVE_API_KEY") or None
     if args.max_queue_len is not None and args.max_queue_len < 1:
         print("gptserve serve: error: --max-queue-len must be at least 1", file=sys.stderr)
         return 2
-    engine = build_engine(args.model, engine_options(args))
+    options = engine_options(args)
+    registry = ModelRegistry(
+        [Path(d) for d in args.model_repository], options, explicit=args.model_control_mode == "explicit"
+    )
+    registry.load_all()
+    repository_llms = registry.llm_engines()
+    if args.model is None and repository_llms:
+        name, engine = repository_llms[0]
+        default_names = [name]
+    else:
+        engine = build_engine(args.model, options)
+        default_names = [engine.model_name]
     config = ServerConfig(
-        served_model_names=args.served_model_name or [engine.model_name],
+        served_model_names=args.served_model_name or default_names,
         api_key=args.api_key,
         chat_template=args.chat_template,
         max_queue_len=args.max_queue_len,
         model_path=str(args.model) if args.model else None,
+        grpc_host=args.host,
+        grpc_port=args.grpc_port or None,
     )
-    app = build_app(engine, config)
+    app = build_app(engine, config, registry)
     async_engine = app.state.async_engine
     if args.chat_template:
         template_source = f"from {args.chat_template}"
@@ -89,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         template_source = "the model's"
     else:
         template_source = "none (chat completions answer 400; pass --chat-template)"
-    print(_banner(engine, config.served_model_names, args, template_source), flush=True)
+    llm = async_engine.engine
+    print(_banner(llm, config.served_model_names, args, template_source, registry), flush=True)
 
     log_level = getattr(args, "log_level", "info")
     server = DrainingServer(

@@ -1,8 +1,11 @@
-"""The FastAPI application: wires an engine to the OpenAI routes, `/health`, `/metrics` and the API key.
+"""The FastAPI application: wires engines to the OpenAI routes, Triton's KServe v2 routes and gRPC
+service, `/health`, `/metrics` and the API key.
 
-`build_app` is the one place that assembles a server; other front-ends (Triton's routes, the web page)
-mount on the app it returns and find what they need on `app.state`: `async_engine`, `metrics`,
-`serving` and `require_api_key` (the dependency that guards a route with `--api-key`).
+`build_app` is the one place that assembles a server. The OpenAI routes serve one engine; the Triton
+front-ends (HTTP routes here, gRPC on its own port, started on the same event loop by the app's lifespan)
+serve every model of the `ModelRegistry`, the OpenAI engine included. What other front-ends need is on
+`app.state`: `async_engine`, `registry`, `metrics`, `serving` and `require_api_key` (the dependency
+that guards a route with `--api-key`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
 
+from gptserve.engine.builder import EngineOptions
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.server.async_engine import AsyncEngine, EngineDeadError
 from gptserve.server.chat_template import ChatTemplate, load_template_source
@@ -21,6 +25,12 @@ from gptserve.server.errors import APIError, error_response, install_error_handl
 from gptserve.server.metrics import ServerMetrics
 from gptserve.server.openai_routes import build_openai_router
 from gptserve.server.serving import OpenAIServing
+from gptserve.triton.grpc_server import start_grpc_server
+from gptserve.triton.http_routes import build_triton_router
+from gptserve.triton.metrics import TritonMetricsCollector
+from gptserve.triton.registry import ModelRegistry
+
+GRPC_DRAIN_SECONDS = 10.0
 
 
 @dataclass
@@ -32,6 +42,8 @@ class ServerConfig:
     chat_template: str | None = None  # a file or the template text; None = the model's own
     max_queue_len: int | None = None
     model_path: str | None = None
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int | None = None  # None = no gRPC service
 
 
 def make_api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
@@ -64,17 +76,28 @@ def _chat_template(engine: LLMEngine, override: str | None) -> ChatTemplate:
     return ChatTemplate(load_template_source(override, model_template), special)
 
 
-def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
-    """A ready app over `engine`; its lifespan starts and stops the engine thread."""
+def build_app(
+    engine: LLMEngine | AsyncEngine, config: ServerConfig | None = None, registry: ModelRegistry | None = None
+) -> FastAPI:
+    """A ready app over `engine`; its lifespan starts and stops the engines and the gRPC service.
+
+    An `LLMEngine` is the app's own: it is started here and joins the registry under the first served
+    name. An `AsyncEngine` already belongs to a model of `registry`, which starts it."""
     config = config or ServerConfig()
-    names = config.served_model_names or [getattr(engine, "model_name", None) or "model"]
-    async_engine = AsyncEngine(engine)
+    owns_engine = isinstance(engine, LLMEngine)
+    async_engine = AsyncEngine(engine) if isinstance(engine, LLMEngine) else engine
+    llm = async_engine.engine
+    names = config.served_model_names or [getattr(llm, "model_name", None) or "model"]
+    registry = registry if registry is not None else ModelRegistry([], EngineOptions())
+    if owns_engine:
+        registry.add_llm(names[0], async_engine)
     metrics = ServerMetrics(names[0], lambda: async_engine.stats)
+    metrics.registry.register(TritonMetricsCollector(registry.models))
     async_engine.metrics = metrics
     serving = OpenAIServing(
         async_engine,
         names,
-        _chat_template(engine, config.chat_template),
+        _chat_template(llm, config.chat_template),
         config.max_queue_len,
         config.model_path,
     )
@@ -82,15 +105,27 @@ def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async_engine.start()
+        if owns_engine:
+            async_engine.start()
+        grpc_server = None
         try:
+            await registry.start()
+            if config.grpc_port is not None:
+                grpc_server = await start_grpc_server(
+                    registry, config.grpc_host, config.grpc_port, config.api_key
+                )
             yield
         finally:
-            await async_engine.stop()
+            if grpc_server is not None:
+                await grpc_server.stop(GRPC_DRAIN_SECONDS)
+            await registry.stop()
+            if owns_engine:
+                await async_engine.stop()
 
     # Interactive docs would be unguarded routes; the API is OpenAI's, documented elsewhere.
     app = FastAPI(title="gptserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.async_engine = async_engine
+    app.state.registry = registry
     app.state.metrics = metrics
     app.state.serving = serving
     app.state.require_api_key = require_api_key
@@ -111,4 +146,5 @@ def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
         return Response(metrics.render(), media_type=metrics.content_type)
 
     app.include_router(build_openai_router(serving, require_api_key))
+    app.include_router(build_triton_router(registry, require_api_key))
     return app

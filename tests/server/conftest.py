@@ -49,7 +49,8 @@ class ServerProcess:
 def start_server(*extra: str, env: dict[str, str] | None = None) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "gptserve.cli", "serve", "--dtype", "fp32", "--max-model-len", "2048",
-           "--host", "127.0.0.1", "--http-port", str(port), "--metrics-port", "0", *extra]  # fmt: skip
+           "--host", "127.0.0.1", "--http-port", str(port), "--metrics-port", "0", "--grpc-port", "0",
+           *extra]  # fmt: skip
     process = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

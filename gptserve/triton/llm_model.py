@@ -1,0 +1,336 @@
+"""`LLMModel`: a generating model served to Triton clients over an `AsyncEngine`.
+
+Two shapes share one implementation. A FasterTransformer `config.pbtxt` (`backend: "fastertransformer"`)
+gives the model exactly that config's tensors. The model served without a repository gets a synthesised
+config whose inputs are all optional: the text form of Triton's LLM backends (`text_input`, `max_tokens`,
+`stream` -> `text_output`) and FT's token form (`input_ids`, `input_lengths`, `request_output_len` ->
+`output_ids`, `sequence_length`, log-probs), with the FT sampling scalars in both.
+
+Every row of a batch is its own engine request, submitted together and batched continuously with all
+other traffic; nothing waits for the longest row. Streaming (a decoupled config, or a request whose
+`stream` input or parameter is true) answers once per engine step: the token form carries the full
+`output_ids`/`sequence_length` so far, the text form the text added since the previous response. Closing
+the stream or cancelling the caller aborts every row, which frees its KV blocks.
+
+In the text form `text_output` is [batch, beams]; without streaming it starts with the prompt, as in
+Triton's vLLM backend, unless `exclude_input_in_output` is true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from gptserve.errors import GptServeError, InvalidRequestError
+from gptserve.outputs import RequestOutput
+from gptserve.sampling_params import SamplingParams
+from gptserve.triton import ft_tensors as ft
+from gptserve.triton.types import (
+    InferRequest,
+    InferResponse,
+    TritonError,
+    TritonModel,
+    check_request,
+    config_type_of_datatype,
+    make_response,
+    tensor_specs,
+)
+
+if TYPE_CHECKING:  # the server package imports the Triton front-end, so only for annotations here
+    from gptserve.server.async_engine import AsyncEngine
+    from gptserve.server.request_stream import RequestStream
+
+SERVED_MAX_BATCH_SIZE = 1024  # as FT's GPT-J config; rows beyond the engine's running limit wait in its queue
+DEFAULT_MAX_TOKENS = 16
+
+# The synthesised config of a served model: (name, datatype, dims) of every input and output.
+TEXT_INPUTS = [("text_input", "BYTES", [1]), ("max_tokens", "INT32", [1]), ("stream", "BOOL", [1])]
+TEXT_INPUTS.append(("exclude_input_in_output", "BOOL", [1]))
+TOKEN_INPUTS = [
+    ("input_ids", "UINT32", [-1]),
+    ("input_lengths", "UINT32", [1]),
+    ("request_output_len", "UINT32", [-1]),
+    ("bad_words_list", "INT32", [2, -1]),
+    ("stop_words_list", "INT32", [2, -1]),
+]
+SERVED_OUTPUTS = [
+    ("text_output", "BYTES", [-1]),
+    ("output_ids", "UINT32", [-1, -1]),
+    ("sequence_length", "UINT32", [-1]),
+    ("cum_log_probs", "FP32", [-1]),
+    ("output_log_probs", "FP32", [-1, -1]),
+]
+
+
+def served_config(name: str) -> mc.ModelConfig:
+    """The config a model served without a repository shows to Triton clients."""
+    config = mc.ModelConfig(name=name, backend="gptserve", max_batch_size=SERVED_MAX_BATCH_SIZE)
+    scalars = [(n, t, [1]) for n, t in ft.SCALAR_INPUTS.items()]
+    for tensor_name, datatype, dims in TEXT_INPUTS + TOKEN_INPUTS + scalars:
+        config.input.add(
+            name=tensor_name, data_type=config_type_of_datatype(datatype), dims=dims, optional=True
+        )
+    for tensor_name, datatype, dims in SERVED_OUTPUTS:
+        config.output.add(name=tensor_name, data_type=config_type_of_datatype(datatype), dims=dims)
+    config.model_transaction_policy.decoupled = False
+    return config
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return bool(value.size and value.reshape(-1)[0])
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+@dataclass
+class _Job:
+    """A parsed request: what to submit and how to render the engine's outputs."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    token_request: ft.TokenRequest | None = None  # the token form
+    prompt_texts: list[str] | None = None  # the text form
+    exclude_input: bool = False
+
+
+class LLMModel(TritonModel):
+    """A Triton model over one `AsyncEngine` (FT token form, and the text form where configured)."""
+
+    def __init__(
+        self, name: str, version: str, config: mc.ModelConfig, engine: AsyncEngine, owns_engine: bool = True
+    ):
+        super().__init__()
+        self.name = name
+        self.version = version
+        self.config = config
+        self.engine = engine
+        self.owns_engine = owns_engine  # started and stopped with the model
+        self.inputs, self.outputs = tensor_specs(config)
+        self._started = False
+        llm = engine.engine
+        self.eos_token_ids: set[int] = set(llm.eos_token_ids)
+        end_id = config.parameters["end_id"].string_value if "end_id" in config.parameters else ""
+        self.default_end_id = int(end_id) if end_id else min(self.eos_token_ids, default=None)
+
+    @classmethod
+    def served(cls, name: str, engine: AsyncEngine) -> LLMModel:
+        """The model `gptserve serve MODEL` serves; its engine belongs to the caller."""
+        return cls(name, "1", served_config(name), engine, owns_engine=False)
+
+    async def start(self) -> None:
+        if self.owns_engine and not self._started:
+            self.engine.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        if self.owns_engine and self._started:
+            self._started = False
+            await self.engine.stop()
+
+    @property
+    def ready(self) -> bool:
+        return not self.engine.dead
+
+    # ------------------------------------------------------------------------------------- requests
+    def wants_stream(self, request: InferRequest) -> bool:
+        """Per-step responses: a decoupled model, or a request whose `stream` input or parameter is true."""
+        if "stream" in request.inputs:
+            return _truthy(request.inputs["stream"])
+        return self.decoupled or _truthy(request.parameters.get("stream", False))
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        last = None
+        async for response in self._run(request, streaming=False):
+            last = response
+        assert last is not None
+        return last
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        async with contextlib.aclosing(self._run(request, self.wants_stream(request))) as responses:
+            async for response in responses:
+                yield response
+
+    def _parse(self, request: InferRequest) -> _Job:
+        inputs = request.inputs
+        extra = dict(request.parameters)
+        if "max_tokens" in inputs:
+            extra["max_tokens"] = int(np.asarray(inputs["max_tokens"]).reshape(-1)[0])
+        if "text_input" in inputs:
+            if "input_ids" in inputs:
+                raise TritonError("send either 'text_input' or 'input_ids', not both")
+            return self._parse_text(request, extra)
+        if "input_ids" not in inputs:
+            raise TritonError(f"model '{self.name}' expects 'input_ids' (or 'text_input' for text)")
+        token_request = ft.parse_token_request(inputs, self.eos_token_ids, self.default_end_id, extra)
+        return _Job(token_request.prompts, token_request.params, token_request=token_request)
+
+    def _parse_text(self, request: InferRequest, extra: dict[str, Any]) -> _Job:
+        texts = np.asarray(request.inputs["text_input"])
+        flat = texts.reshape(-1) if texts.ndim <= 1 or texts.shape[-1] == 1 else None
+        if flat is None or flat.size == 0:
+            raise TritonError(f"input 'text_input' has shape {list(texts.shape)}; expected [batch, 1]")
+        prompt_texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in flat]
+        batch = len(prompt_texts)
+        lens = ft.row_values(request.inputs.get("max_tokens"), "max_tokens", batch)
+        lens = lens or ft.row_values(request.inputs.get("request_output_len"), "request_output_len", batch)
+        if lens is None:
+            lens = [int(extra.get("max_tokens", DEFAULT_MAX_TOKENS))] * batch
+        if any(int(n) <= 0 for n in lens):
+            raise TritonError(f"input 'max_tokens' must be > 0, got {[int(n) for n in lens]}")
+        prompts = [self.engine.tokenize(t) for t in prompt_texts]
+        max_tokens = [int(n) for n in lens]
+        params, _ = ft.sampling_params(request.inputs, max_tokens, self.eos_token_ids, None, extra)
+        exclude = request.inputs.get("exclude_input_in_output", extra.get("exclude_input_in_output", False))
+        return _Job(prompts, params, prompt_texts=prompt_texts, exclude_input=_truthy(exclude))
+
+    async def _run(self, request: InferRequest, streaming: bool) -> AsyncIterator[InferResponse]:
+        start = time.monotonic_ns()
+        ok = False
+        rows = 0
+        try:
+            check_request(self, request)
+            job = self._parse(request)
+            rows = len(job.prompts)
+            streams = await self._submit(job, request.id)
+            self.stats.queue.add(time.monotonic_ns() - start)
+            texts: list[dict[int, str]] = [{} for _ in job.prompts]
+            progress = contextlib.aclosing(self._progress(streams))
+            async with progress as steps:
+                async for latest, deltas, done in steps:
+                    for row, delta in zip(texts, deltas):
+                        for index, text in delta.items():
+                            row[index] = row.get(index, "") + text
+                    if streaming or done:
+                        yield self._response(request, job, latest, texts if streaming else None, done)
+                        texts = [{} for _ in job.prompts]
+            ok = True
+        except InvalidRequestError as e:
+            raise TritonError(str(e)) from e
+        except GptServeError as e:  # the engine stopped or failed (`EngineDeadError`)
+            raise TritonError(str(e), 503) from e
+        finally:
+            self.stats.record(start, rows, ok)
+
+    async def _submit(self, job: _Job, request_id: str) -> list[RequestStream]:
+        """Queue every row at once; on any refusal or cancellation none stays in the engine."""
+        base = f"triton-{request_id or 'r'}-{uuid.uuid4().hex[:12]}"
+        tasks = [
+            asyncio.ensure_future(self.engine.add_request(f"{base}-{i}", prompt, params))
+            for i, (prompt, params) in enumerate(zip(job.prompts, job.params))
+        ]
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            _abort([t.result() for t in tasks if not t.cancelled() and t.exception() is None])
+            raise
+        errors = [t.exception() for t in tasks if t.exception() is not None]
+        if errors:
+            _abort([t.result() for t in tasks if t.exception() is None])
+            raise errors[0]  # type: ignore[misc]
+        return [t.result() for t in tasks]
+
+    async def _progress(
+        self, streams: list[RequestStream]
+    ) -> AsyncIterator[tuple[list[RequestOutput | None], list[dict[int, str]], bool]]:
+        """The latest output of every row each time some rows progressed, with the text each sequence
+        added meanwhile and whether all rows finished. Leaving early aborts the rows still running."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(row: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((row, out))
+            except Exception as e:
+                queue.put_nowait((row, e))
+            queue.put_nowait((row, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        latest: list[RequestOutput | None] = [None] * len(streams)
+        ended = 0
+        try:
+            while ended < len(streams):
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                deltas: list[dict[int, str]] = [{} for _ in streams]
+                for row, item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        ended += 1
+                        if latest[row] is None or not latest[row].finished:
+                            raise TritonError("the request was aborted before it finished", 499)
+                        continue
+                    if item.error:
+                        raise TritonError(item.error)
+                    latest[row] = item
+                    for c in item.outputs:
+                        deltas[row][c.index] = deltas[row].get(c.index, "") + c.delta_text
+                yield latest, deltas, ended == len(streams) or all(o and o.finished for o in latest)
+                if all(o is not None and o.finished for o in latest):
+                    return
+        finally:
+            for task in tasks:
+                task.cancel()
+            _abort(streams)
+
+    # -------------------------------------------------------------------------------------- outputs
+    def _response(
+        self,
+        request: InferRequest,
+        job: _Job,
+        latest: list[RequestOutput | None],
+        deltas: list[dict[int, str]] | None,
+        final: bool,
+    ) -> InferResponse:
+        if job.token_request is not None:
+            results = [_beams(out, job.token_request.beam_width) for out in latest]
+            tensors = ft.assemble_outputs(job.token_request, results)
+        else:
+            tensors = {"text_output": self._texts(job, latest, deltas)}
+        return make_response(self, request, tensors, final)
+
+    def _texts(
+        self, job: _Job, latest: list[RequestOutput | None], deltas: list[dict[int, str]] | None
+    ) -> np.ndarray:
+        width = max(p.n for p in job.params)
+        out = np.empty((len(latest), width), dtype=object)
+        assert job.prompt_texts is not None
+        for b, row in enumerate(latest):
+            for k in range(width):
+                if deltas is not None:
+                    text = deltas[b].get(k, "")
+                else:
+                    done = {c.index: c.text for c in row.outputs} if row else {}
+                    prefix = "" if job.exclude_input else job.prompt_texts[b]
+                    text = prefix + done.get(k, "")
+                out[b, k] = text.encode("utf-8")
+        return out
+
+
+def _beams(out: RequestOutput | None, width: int) -> list[ft.BeamResult]:
+    if out is None:
+        return []
+    beams = sorted(out.outputs, key=lambda c: c.index)[:width]
+    return [
+        ft.BeamResult(list(c.token_ids), float(c.cumulative_logprob), [lp.logprob for lp in c.logprobs or []])
+        for c in beams
+    ]
+
+
+def _abort(streams: Sequence[RequestStream]) -> None:
+    for stream in streams:
+        stream.abort()

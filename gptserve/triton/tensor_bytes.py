@@ -1,0 +1,49 @@
+"""The wire form of BYTES tensors, shared by HTTP (binary tensor data) and gRPC (raw contents).
+
+A BYTES tensor travels as its elements in row-major order, each a little-endian uint32 length followed
+by that many bytes. In memory it is a numpy object array of `bytes` (`str` elements are sent as UTF-8).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from gptserve.triton.types import TritonError
+
+
+def serialize_bytes(data: np.ndarray) -> bytes:
+    """BYTES tensor (row-major) -> length-prefixed elements; `str` elements are sent as UTF-8."""
+    parts = []
+    for item in np.asarray(data, dtype=object).ravel(order="C"):
+        b = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buf: bytes, count: int, name: str) -> np.ndarray:
+    """Length-prefixed elements -> flat object array of `count` bytes values; raises `TritonError`
+    naming input `name` when the data is truncated or holds another number of elements."""
+    items: list[bytes] = []
+    offset, size = 0, len(buf)
+    while offset < size:
+        if offset + 4 > size:
+            raise TritonError(f"unexpected end of BYTES data for input '{name}': truncated length prefix")
+        (length,) = struct.unpack_from("<I", buf, offset)
+        offset += 4
+        if offset + length > size:
+            raise TritonError(
+                f"unexpected end of BYTES data for input '{name}': element {len(items)} claims "
+                f"{length} bytes, {size - offset} left"
+            )
+        items.append(bytes(buf[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise TritonError(
+            f"unexpected number of string elements {len(items)} for input '{name}', expecting {count}"
+        )
+    out = np.empty(count, dtype=object)
+    out[:] = items
+    return out
