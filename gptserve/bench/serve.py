@@ -157,7 +157,7 @@ def running_server(flags: list[str], timeout: float) -> Iterator[str]:
     """A `gptserve serve` process on a free loopback port; yields its URL, stops it with SIGTERM."""
     port = _free_port()
     cmd = [sys.executable, "-m", "gptserve.cli", "serve", *flags, "--host", "127.0.0.1",
-           "--http-port", str(port), "--metrics-port", "0"]  # fmt: skip
+           "--http-port", str(port), "--metrics-port", "0", "--grpc-port", "0"]  # fmt: skip
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
         url = f"http://127.0.0.1:{port}"

@@ -279,16 +279,42 @@ class LLMEngine:
         at_limit = (params.max_tokens is not None and num_generated + 1 >= params.max_tokens) or (
             beams[0].num_tokens + 1 >= self.max_model_len
         )
-        end_ids = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
+        end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        end_pairs: set[tuple[int, int]] = set()
+        if num_generated + 1 >= params.min_tokens:
+            for i, seq in enumerate(beams):
+                output = seq.output_token_ids
+                for stop in params.stop_token_sequences:
+                    if _ends_with(output, stop[:-1]):
+                        end_pairs.add((i, stop[-1]))
+        # The sampler's logits processors, per beam on its own history, applied to the log-softmax.
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        scores = self.sampler.process_logits(logprobs, [self._sampling_row(params, seq) for seq in beams])
         step = beam_step(
-            state, logits, [b.cumulative_logprob for b in beams], num_generated, end_ids, at_limit
+            state,
+            logprobs,
+            scores,
+            [b.beam_score for b in beams],
+            num_generated,
+            end_ids,
+            at_limit,
+            end_pairs,
         )
+        top = self._beam_top_logprobs(params, logprobs)
 
         for cand, normalised in step.finishing:
             parent = beams[cand.parent]
             done = Sequence(parent.token_ids + [cand.token_id], parent.num_prompt_tokens)
-            done.cumulative_logprob = cand.score
-            done.finish_reason = "length" if at_limit and cand.token_id not in end_ids else "stop"
+            token_logprob = TokenLogprob(cand.token_id, cand.token_logprob, top[cand.parent])
+            done.logprobs = parent.logprobs + [token_logprob]
+            done.cumulative_logprob = parent.cumulative_logprob + cand.token_logprob
+            if cand.token_id in end_ids or (cand.parent, cand.token_id) in end_pairs:
+                done.finish_reason = "stop"
+                eos = not params.ignore_eos and cand.token_id in self.eos_token_ids
+                if not eos and cand.token_id in params.stop_token_ids:
+                    done.stop_reason = cand.token_id
+            else:
+                done.finish_reason = "length"
             done.beam_score = normalised
             request.finished_beams.append(done)
         request.finished_beams.sort(key=lambda s: s.beam_score, reverse=True)
@@ -315,12 +341,23 @@ class LLMEngine:
             new_beams.append(seq)
         for seq, cand in zip(new_beams, step.continuing):
             seq.token_ids.append(cand.token_id)
-            seq.cumulative_logprob = cand.score
+            seq.beam_score = cand.score
+            seq.cumulative_logprob += cand.token_logprob
+            seq.logprobs.append(TokenLogprob(cand.token_id, cand.token_logprob, top[cand.parent]))
         for i, seq in enumerate(beams):
             if i not in used:
                 self.kv.free(seq)
         request.seqs = new_beams
         self.num_generated_tokens += len(new_beams)
+
+    @staticmethod
+    def _beam_top_logprobs(params: SamplingParams, logprobs: torch.Tensor) -> list[list[tuple[int, float]]]:
+        """Per live beam, its `params.logprobs` most likely (id, raw log-prob) pairs (empty if not asked)."""
+        k = min(params.logprobs or 0, logprobs.shape[-1])
+        if k == 0:
+            return [[] for _ in range(logprobs.shape[0])]
+        values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+        return [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
 
     def _finish_beams(self, request: Request) -> None:
         best = request.finished_beams[: request.params.n]

@@ -43,7 +43,9 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    beam_score: float = 0.0  # length-normalised score of a finished beam
+    # Beam search: a live beam's cumulative processed score (what beams are ranked by); the
+    # length-normalised score once the beam has finished.
+    beam_score: float = 0.0
 
     @property
     def num_tokens(self) -> int:

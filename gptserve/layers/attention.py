@@ -15,6 +15,7 @@ matmul takes as it is: the context is copied once and never transposed.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -76,18 +77,23 @@ class AttentionMetadata:
         return bias
 
 
-_metadata: AttentionMetadata | None = None
+# Per thread: a process may run several engines (one per repository model), each on its own thread.
+_state = threading.local()
+
+
+def _current_metadata() -> AttentionMetadata | None:
+    return getattr(_state, "metadata", None)
 
 
 @contextlib.contextmanager
 def attention_context(metadata: AttentionMetadata | None) -> Iterator[None]:
-    """Make `metadata` visible to every `Attention` layer for the duration of one forward pass."""
-    global _metadata
-    previous, _metadata = _metadata, metadata
+    """Make `metadata` visible to every `Attention` layer of this thread for one forward pass."""
+    previous = _current_metadata()
+    _state.metadata = metadata
     try:
         yield
     finally:
-        _metadata = previous
+        _state.metadata = previous
 
 
 class Attention(nn.Module):
@@ -122,10 +128,11 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads*dim], k/v: [T, kv_heads*dim] -> [T, heads*dim]."""
         num_tokens = q.shape[0]
-        if _metadata is None or self.kv_cache is None:
+        metadata = _current_metadata()
+        if metadata is None or self.kv_cache is None:
             return self._causal(q, k, v)
         kv = torch.cat((k, v), dim=-1).view(num_tokens, 2 * self.num_kv_heads, self.head_dim)
-        return self._paged(q, kv, _metadata)
+        return self._paged(q, kv, metadata)
 
     def forward_packed(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv: [T, (heads + 2*kv_heads)*dim], q | k | v as a fused projection emits them -> [T, heads*dim].
@@ -133,9 +140,10 @@ class Attention(nn.Module):
         K and V arrive side by side, so one copy writes both to the cache."""
         q_size = self.num_heads * self.head_dim
         q, kv = qkv[:, :q_size], qkv[:, q_size:]
-        if _metadata is None or self.kv_cache is None:
+        metadata = _current_metadata()
+        if metadata is None or self.kv_cache is None:
             return self._causal(q, *kv.chunk(2, dim=-1))
-        return self._paged(q, kv.view(qkv.shape[0], 2 * self.num_kv_heads, self.head_dim), _metadata)
+        return self._paged(q, kv.view(qkv.shape[0], 2 * self.num_kv_heads, self.head_dim), metadata)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
         # q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D]

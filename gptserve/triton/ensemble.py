@@ -11,7 +11,6 @@ step reach the client as the step raised them.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -85,11 +84,11 @@ class EnsembleModel(TritonModel):
                 yield response
 
     async def _execute(self, request: InferRequest, streaming: bool) -> AsyncIterator[InferResponse]:
-        start = time.monotonic_ns()
+        start = self.stats.begin()
         ok = False
         rows = next((1 if a.ndim == 0 else a.shape[0] for a in request.inputs.values()), 0)
         try:
-            check_request(self, request)
+            check_request(self, request, shapes=False)
             tensors: Tensors = {
                 name: (data, request.datatypes.get(name) or self._input_type(name))
                 for name, data in request.inputs.items()

@@ -8,10 +8,12 @@ padded with `end_id`, `sequence_length` [B, beam] (prompt + generated) and, when
 
 Decoding semantics kept from FT: beam 1 with `runtime_top_k` 0 and `runtime_top_p` 0.0 is greedy, as is
 `runtime_top_k` 1; `end_id` ends a sequence (the end token counts in `sequence_length`, as in FT). With
-an `end_id` that is not one of the model's own end-of-sequence ids, only `end_id` ends sampling, so the
-model's EOS is ignored exactly as FT ignores it; beam search always ends on both (the engine's beams stop
-on EOS and stop ids together). Each row generates its own `request_output_len` tokens (FT generated
-the batch maximum for every row). `start_id` is the prompt of rows whose `input_lengths` is 0.
+an `end_id` that is not one of the model's own end-of-sequence ids, only `end_id` ends a sequence, so the
+model's EOS is ignored exactly as FT ignores it, for sampling and beams alike. Bad words, stop words,
+`min_length` and the penalties apply to every beam on its own history, and beams report
+`output_log_probs` that add up to their `cum_log_probs`. Each row generates its own `request_output_len`
+tokens (FT generated the batch maximum for every row). `start_id` is the prompt of rows whose
+`input_lengths` is 0.
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ def sampling_params(
                     frequency_penalty=frequency[i],
                     min_tokens=min(min_length[i], max_tokens[i]),
                     stop_token_ids=stop_ids,
-                    ignore_eos=end_id[i] is not None and end_id[i] not in eos_token_ids and beam[i] == 1,
+                    ignore_eos=end_id[i] is not None and end_id[i] not in eos_token_ids,
                     stop_token_sequences=stop_words[i],
                     bad_words_ids=bad_words[i],
                     beam_width=beam[i],

@@ -2,8 +2,8 @@
 `ModelInferResponse`, with the checks Triton makes on the way in.
 
 Tensor data travels either in `raw_input_contents` (one bytes entry per input, in input order; what
-`tritonclient` always sends) or in the typed `contents` fields of each input, never both. BYTES elements
-are little-endian uint32 length prefixes followed by the bytes. Responses always use
+`tritonclient` always sends) or in the typed `contents` fields of each input, never both; raw BYTES
+tensors are in the length-prefixed form of `tensor_bytes`. Responses always use
 `raw_output_contents`, one entry per output in the order of `outputs`, which is how `tritonclient`
 reads them. Every malformed request raises `TritonError` (400) naming the tensor at fault; checks
 against a model's tensors are `types.check_request`.
@@ -11,14 +11,20 @@ against a model's tensors are `types.check_request`.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from gptserve.triton.types import DATATYPES, InferRequest, InferResponse, TritonError
+from gptserve.triton.tensor_bytes import deserialize_bytes, serialize_bytes
+from gptserve.triton.types import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    TritonError,
+    refuse_shared_memory,
+)
 
 # Typed `InferTensorContents` field holding each datatype; FP16 and BF16 travel only as raw bytes.
 CONTENTS_FIELD: dict[str, str] = {
@@ -37,7 +43,6 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 _CONTENTS_FIELDS = tuple(sorted(set(CONTENTS_FIELD.values())))
-SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 INT64_MAX = 2**63 - 1
 
 
@@ -75,42 +80,6 @@ def encode_parameters(target: Any, params: Mapping[str, Any]) -> None:
     """Fill a protobuf `map<string, InferParameter>` from a dict."""
     for key, value in params.items():
         set_parameter(target[key], value)
-
-
-# --------------------------------------------------------------------------------------------- BYTES
-def serialize_bytes(data: np.ndarray) -> bytes:
-    """BYTES tensor (row-major) -> length-prefixed elements; `str` elements are sent as UTF-8."""
-    parts = []
-    for item in np.asarray(data, dtype=object).ravel(order="C"):
-        b = item.encode("utf-8") if isinstance(item, str) else bytes(item)
-        parts.append(struct.pack("<I", len(b)))
-        parts.append(b)
-    return b"".join(parts)
-
-
-def deserialize_bytes(buf: bytes, count: int, name: str) -> np.ndarray:
-    """Length-prefixed elements -> flat object array of `count` bytes values."""
-    items: list[bytes] = []
-    offset, size = 0, len(buf)
-    while offset < size:
-        if offset + 4 > size:
-            raise TritonError(f"unexpected end of BYTES data for input '{name}': truncated length prefix")
-        (length,) = struct.unpack_from("<I", buf, offset)
-        offset += 4
-        if offset + length > size:
-            raise TritonError(
-                f"unexpected end of BYTES data for input '{name}': element {len(items)} claims "
-                f"{length} bytes, {size - offset} left"
-            )
-        items.append(bytes(buf[offset : offset + length]))
-        offset += length
-    if len(items) != count:
-        raise TritonError(
-            f"unexpected number of string elements {len(items)} for input '{name}', expecting {count}"
-        )
-    out = np.empty(count, dtype=object)
-    out[:] = items
-    return out
 
 
 # ------------------------------------------------------------------------------------------- request
@@ -168,11 +137,7 @@ def _has_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
 def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     """`ModelInferRequest` -> `InferRequest` of numpy arrays; raises `TritonError` (400) naming the input."""
     for tensor in msg.inputs:
-        if any(p in tensor.parameters for p in SHARED_MEMORY_PARAMS):
-            raise TritonError(
-                f"input '{tensor.name}' refers to a shared memory region; shared memory is not supported, "
-                "send the tensor data in the request"
-            )
+        refuse_shared_memory(tensor.name, tensor.parameters)
     use_raw = len(msg.raw_input_contents) > 0
     if use_raw and len(msg.raw_input_contents) != len(msg.inputs):
         raise TritonError(
@@ -204,8 +169,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     if len(set(requested)) != len(requested):
         raise TritonError("an output is requested more than once")
     for out in msg.outputs:
-        if any(p in out.parameters for p in SHARED_MEMORY_PARAMS):
-            raise TritonError(f"output '{out.name}' asks for shared memory, which is not supported")
+        refuse_shared_memory(out.name, out.parameters, output=True)
     request.outputs = requested or None
     return request
 

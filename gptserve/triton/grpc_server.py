@@ -23,7 +23,6 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from gptserve import __version__
 from gptserve.errors import GptServeError, InvalidRequestError
 from gptserve.triton.grpc_codec import (
     decode_request,
@@ -32,18 +31,18 @@ from gptserve.triton.grpc_codec import (
     stream_error,
     stream_response,
 )
+from gptserve.triton.server_info import (
+    SERVER_EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    ready_versions,
+    server_ready,
+    serving_model,
+)
 from gptserve.triton.types import InferRequest, InferResponse, TritonError, TritonModel, check_request
 
 logger = logging.getLogger(__name__)
 
-SERVER_NAME = "gptserve"
-EXTENSIONS = [
-    "model_repository",
-    "model_repository(unload_dependents)",
-    "model_configuration",
-    "statistics",
-    "parameters",
-]
 PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 DECOUPLED_MODEL_INFER = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 ENABLE_EMPTY_FINAL = "triton_enable_empty_final_response"
@@ -82,11 +81,6 @@ def as_triton_error(error: Exception) -> TritonError:
         return TritonError(str(error), 503)
     logger.exception("gRPC call failed", exc_info=error)
     return TritonError(f"internal error: {type(error).__name__}: {error}", 500)
-
-
-def server_ready(registry: Any) -> bool:
-    """Triton's strict readiness: the registry started and every model it serves is ready."""
-    return bool(registry.ready) and all(m.ready for m in registry.models())
 
 
 def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -149,26 +143,20 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # ----------------------------------------------------------------------------------- metadata
     @_rpc
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=SERVER_EXTENSIONS
+        )
 
     @_rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         model = self.registry.get(request.name, request.version)
         msg = pb.ModelMetadataResponse(name=model.name, platform=model.platform)
-        msg.versions.extend(self._ready_versions(model))
+        msg.versions.extend(ready_versions(self.registry, model))
         for spec in model.inputs:
             msg.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         for spec in model.outputs:
             msg.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         return msg
-
-    def _ready_versions(self, model: TritonModel) -> list[str]:
-        versions = [
-            str(entry["version"])
-            for entry in self.registry.index(ready_only=True)
-            if entry.get("name") == model.name and entry.get("version") not in (None, "")
-        ]
-        return sorted(set(versions), key=_version_key) or [str(model.version)]
 
     @_rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
@@ -234,15 +222,9 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # ---------------------------------------------------------------------------------- inference
-    def _serving_model(self, name: str, version: str) -> TritonModel:
-        model = self.registry.get(name, version)
-        if not model.ready:
-            raise TritonError(f"model '{name}' version {model.version} is not ready", 503)
-        return model
-
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        model = self._serving_model(request.model_name, request.model_version)
+        model = serving_model(self.registry, request.model_name, request.model_version)
         if model.decoupled:
             raise TritonError(DECOUPLED_MODEL_INFER, 501)
         infer_request = decode_request(request)
@@ -289,7 +271,7 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """One request on a stream: every response it yields, the last flagged `triton_final_response`."""
         request = InferRequest(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
         try:
-            model = self._serving_model(msg.model_name, msg.model_version)
+            model = serving_model(self.registry, msg.model_name, msg.model_version)
             request = decode_request(msg)
             check_request(model, request)
             empty_final = model.decoupled and bool(request.parameters.get(ENABLE_EMPTY_FINAL, False))
@@ -375,10 +357,6 @@ def _stamp(response: InferResponse, request: InferRequest, model: TritonModel) -
     response.model_version = str(response.model_version or model.version)
 
 
-def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (0, version)
-
-
 def model_statistics(model: TritonModel) -> pb.ModelStatistics:
     """`types.ModelStats` of one model version -> Triton's `ModelStatistics` message."""
     stats = model.stats
@@ -389,8 +367,7 @@ def model_statistics(model: TritonModel) -> pb.ModelStatistics:
         inference_count=stats.inference_count,
         execution_count=stats.execution_count,
     )
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-        duration = getattr(stats, field)
+    for field, duration in stats.inference_durations().items():
         target = getattr(msg.inference_stats, field)
         target.count = duration.count
         target.ns = duration.ns

@@ -3,11 +3,12 @@ and the JSON of the generate extension.
 
 An infer body is JSON, or (binary tensor data extension) a JSON header of `Inference-Header-Content-Length`
 bytes followed by the raw tensors of the inputs that carry `parameters.binary_data_size`, in input order.
-Raw tensors are little-endian and row-major; BOOL is one byte; BYTES elements are a uint32 length and the
-bytes. A header length of 0 makes a "raw binary request": the whole body is the one input of the model.
-Outputs go back in binary when the request asks for it per output (`binary_data`) or for all
+Raw tensors are little-endian and row-major; BOOL is one byte; BYTES are in the length-prefixed form of
+`tensor_bytes`. A header length of 0 makes a "raw binary request": the whole body is the one input of
+the model. Outputs go back in binary when the request asks for it per output (`binary_data`) or for all
 (`binary_data_output`), which `tritonclient.http` does by default. Every malformed body raises
-`TritonError` (400) naming the tensor and what is wrong with it.
+`TritonError` (400) naming the tensor and what is wrong with it; checks against a model's tensors
+(shapes included) are `types.check_request`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from gptserve.triton.grpc_codec import deserialize_bytes, serialize_bytes
-from gptserve.triton.types import DATATYPES, InferRequest, InferResponse, TensorSpec, TritonError
+from gptserve.triton.tensor_bytes import count_bytes_elements, deserialize_bytes, serialize_bytes
+from gptserve.triton.types import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    TensorSpec,
+    TritonError,
+    refuse_shared_memory,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 @dataclass
@@ -179,7 +186,7 @@ def _raw_binary_request(
         )
     spec = inputs[0]
     if spec.datatype == "BYTES":
-        data = deserialize_bytes(body, _count_bytes_elements(body, spec.name), spec.name)
+        data = deserialize_bytes(body, count_bytes_elements(body, spec.name), spec.name)
     else:
         itemsize = DATATYPES[spec.datatype].itemsize
         if len(body) % itemsize:
@@ -193,16 +200,6 @@ def _raw_binary_request(
     request.inputs[spec.name] = data.reshape(shape)
     request.datatypes[spec.name] = spec.datatype
     return request, OutputFormat(binary_default=True)
-
-
-def _count_bytes_elements(buf: bytes, name: str) -> int:
-    count = offset = 0
-    while offset < len(buf):
-        if offset + 4 > len(buf):
-            raise TritonError(f"input '{name}': BYTES data ends inside a length prefix")
-        offset += 4 + int.from_bytes(buf[offset : offset + 4], "little")
-        count += 1
-    return count
 
 
 def _deduce_shape(spec: TensorSpec, count: int) -> list[int]:
@@ -244,8 +241,7 @@ def _output_format(header: dict[str, Any], parameters: dict[str, Any]) -> Output
         params = out.get("parameters") or {}
         if not isinstance(params, dict):
             raise TritonError(f"output '{name}': 'parameters' must be an object")
-        if any(p in params for p in SHARED_MEMORY_PARAMS):
-            raise TritonError(f"output '{name}' asks for shared memory, which is not supported")
+        refuse_shared_memory(name, params, output=True)
         if params.get("classification"):
             raise TritonError(f"output '{name}' asks for classification, which is not supported")
         fmt.names.append(name)
@@ -305,11 +301,7 @@ def decode_infer_request(
         params = tensor.get("parameters") or {}
         if not isinstance(params, dict):
             raise TritonError(f"input '{name}': 'parameters' must be an object")
-        if any(p in params for p in SHARED_MEMORY_PARAMS):
-            raise TritonError(
-                f"input '{name}' refers to a shared memory region; shared memory is not supported, "
-                "send the tensor data in the request"
-            )
+        refuse_shared_memory(name, params)
         size = params.get("binary_data_size")
         if size is not None:
             if "data" in tensor:
@@ -348,21 +340,6 @@ def decode_infer_request(
     fmt = _output_format(header, parameters)
     request.outputs = fmt.names
     return request, fmt
-
-
-def check_shapes(request: InferRequest, model_name: str, inputs: list[TensorSpec]) -> None:
-    """Triton's shape check: each input has the rank of the model's input and matches its fixed dims."""
-    specs = {s.name: s for s in inputs}
-    for name, data in request.inputs.items():
-        spec = specs.get(name)
-        if spec is None:
-            continue
-        shape = list(data.shape)
-        if len(shape) != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, shape)):
-            raise TritonError(
-                f"unexpected shape for input '{name}' for model '{model_name}'. "
-                f"Expected {spec.shape}, got {shape}"
-            )
 
 
 # ------------------------------------------------------------------------------------------ responses

@@ -24,12 +24,19 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import gptserve
 from gptserve.errors import InvalidRequestError
 from gptserve.server.async_engine import EngineDeadError
 from gptserve.server.errors import APIError
 from gptserve.server.streaming import cancel_on_disconnect
 from gptserve.triton import http_codec as codec
+from gptserve.triton.server_info import (
+    SERVER_EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    ready_versions,
+    server_ready,
+    serving_model,
+)
 from gptserve.triton.types import (
     Duration,
     InferResponse,
@@ -41,16 +48,6 @@ from gptserve.triton.types import (
 
 logger = logging.getLogger(__name__)
 
-# What /v2 reports: the Triton extensions these routes implement.
-EXTENSIONS = [
-    "binary_tensor_data",
-    "parameters",
-    "model_configuration",
-    "statistics",
-    "model_repository",
-    "model_repository(unload_dependents)",
-    "generate",
-]
 DECOUPLED_INFER = "HTTP end point doesn't support models with decoupled transaction policy"
 
 
@@ -138,12 +135,7 @@ def stats_json(model: TritonModel) -> dict[str, Any]:
         "inference_count": s.inference_count,
         "execution_count": s.execution_count,
         "inference_stats": {
-            "success": _duration(s.success),
-            "fail": _duration(s.fail),
-            "queue": _duration(s.queue),
-            "compute_input": _duration(s.compute_input),
-            "compute_infer": _duration(s.compute_infer),
-            "compute_output": _duration(s.compute_output),
+            **{field: _duration(d) for field, d in s.inference_durations().items()},
             "cache_hit": _duration(Duration()),
             "cache_miss": _duration(Duration()),
         },
@@ -172,15 +164,6 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
         engine = getattr(request.app.state, "async_engine", None)
         return bool(engine is not None and engine.dead)
 
-    def server_ready(request: Request) -> bool:
-        return bool(registry.ready) and not engine_dead(request) and all(m.ready for m in registry.models())
-
-    def model_of(model_name: str, version: str) -> TritonModel:
-        model = registry.get(model_name, version)
-        if not model.ready:
-            raise TritonError(f"model '{model_name}' version {model.version} is not ready", 503)
-        return model
-
     # -------------------------------------------------------------------------------------- health
     @router.get("/v2/health/live")
     async def live(request: Request) -> Response:
@@ -188,11 +171,14 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
 
     @router.get("/v2/health/ready")
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if server_ready(request) else 503)
+        ready = not engine_dead(request) and server_ready(registry)
+        return Response(status_code=200 if ready else 503)
 
     @router.get("/v2", dependencies=guarded)
     async def server_metadata() -> JSONResponse:
-        return JSONResponse({"name": "gptserve", "version": gptserve.__version__, "extensions": EXTENSIONS})
+        return JSONResponse(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(SERVER_EXTENSIONS)}
+        )
 
     # ---------------------------------------------------------------------------------- statistics
     # Declared before /v2/models/{model_name} so that `/v2/models/stats` is not read as a model name.
@@ -214,15 +200,10 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
     @router.get("/v2/models/{model_name}/versions/{version}", dependencies=guarded)
     async def model_metadata(model_name: str, version: str = "") -> JSONResponse:
         model = registry.get(model_name, version)
-        versions = [
-            str(e["version"])
-            for e in registry.index(ready_only=True)
-            if e.get("name") == model.name and e.get("version") not in (None, "")
-        ]
         return JSONResponse(
             {
                 "name": model.name,
-                "versions": versions or [str(model.version)],
+                "versions": ready_versions(registry, model),
                 "platform": model.platform,
                 "inputs": _tensor_metadata(model.inputs),
                 "outputs": _tensor_metadata(model.outputs),
@@ -232,7 +213,7 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
     @router.get("/v2/models/{model_name}/ready", dependencies=guarded)
     @router.get("/v2/models/{model_name}/versions/{version}/ready", dependencies=guarded)
     async def model_ready(model_name: str, version: str = "") -> Response:
-        model_of(model_name, version)
+        serving_model(registry, model_name, version)
         return Response(status_code=200)
 
     @router.get("/v2/models/{model_name}/config", dependencies=guarded)
@@ -244,7 +225,7 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
     @router.post("/v2/models/{model_name}/infer", dependencies=guarded)
     @router.post("/v2/models/{model_name}/versions/{version}/infer", dependencies=guarded)
     async def infer(request: Request, model_name: str, version: str = "") -> Response:
-        model = model_of(model_name, version)
+        model = serving_model(registry, model_name, version)
         if model.decoupled:
             raise TritonError(DECOUPLED_INFER)
         infer_request, fmt = codec.decode_infer_request(
@@ -256,7 +237,6 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
             model_inputs=model.inputs,
         )
         check_request(model, infer_request)
-        codec.check_shapes(infer_request, model.name, model.inputs)
         result = await cancel_on_disconnect(request, model.infer(infer_request))
         if not isinstance(result, InferResponse):
             return result
@@ -267,11 +247,10 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
         return Response(body, headers=headers)
 
     async def _generate_request(request: Request, model_name: str, version: str):
-        model = model_of(model_name, version)
+        model = serving_model(registry, model_name, version)
         body = codec.decompress(await request.body(), request.headers.get("content-encoding"))
         gen_request = codec.decode_generate_request(body, model.name, str(model.version), model.inputs)
         check_request(model, gen_request)
-        codec.check_shapes(gen_request, model.name, model.inputs)
         return model, gen_request
 
     @router.post("/v2/models/{model_name}/generate", dependencies=guarded)

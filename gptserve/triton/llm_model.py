@@ -8,8 +8,9 @@ config whose inputs are all optional: the text form of Triton's LLM backends (`t
 
 Every row of a batch is its own engine request, submitted together and batched continuously with all
 other traffic; nothing waits for the longest row. Streaming (a decoupled config, or a request whose
-`stream` input or parameter is true) answers once per engine step: the token form carries the full
-`output_ids`/`sequence_length` so far, the text form the text added since the previous response. Closing
+`stream` input or parameter is true) answers as it goes: the token form once per generated token (as
+FT's decoupled mode; beam search once per step) with the full `output_ids`/`sequence_length` so far,
+the text form once per engine step with the text added since the previous response. Closing
 the stream or cancelling the caller aborts every row, which frees its KV blocks.
 
 In the text form `text_output` is [batch, beams]; without streaming it starts with the prompt, as in
@@ -194,23 +195,27 @@ class LLMModel(TritonModel):
         return _Job(prompts, params, prompt_texts=prompt_texts, exclude_input=_truthy(exclude))
 
     async def _run(self, request: InferRequest, streaming: bool) -> AsyncIterator[InferResponse]:
-        start = time.monotonic_ns()
+        start = self.stats.begin()
         ok = False
         rows = 0
         try:
-            check_request(self, request)
+            check_request(self, request, shapes=False)
             job = self._parse(request)
             rows = len(job.prompts)
             streams = await self._submit(job, request.id)
             self.stats.queue.add(time.monotonic_ns() - start)
             texts: list[dict[int, str]] = [{} for _ in job.prompts]
+            emitted = [0] * rows  # streamed token form: generated tokens each row has sent so far
             progress = contextlib.aclosing(self._progress(streams))
             async with progress as steps:
                 async for latest, deltas, done in steps:
                     for row, delta in zip(texts, deltas):
                         for index, text in delta.items():
                             row[index] = row.get(index, "") + text
-                    if streaming or done:
+                    if streaming and job.token_request is not None:
+                        for response in self._token_steps(request, job.token_request, latest, done, emitted):
+                            yield response
+                    elif streaming or done:
                         yield self._response(request, job, latest, texts if streaming else None, done)
                         texts = [{} for _ in job.prompts]
             ok = True
@@ -303,6 +308,39 @@ class LLMModel(TritonModel):
             tensors = {"text_output": self._texts(job, latest, deltas)}
         return make_response(self, request, tensors, final)
 
+    def _token_steps(
+        self,
+        request: InferRequest,
+        token_request: ft.TokenRequest,
+        latest: list[RequestOutput | None],
+        final: bool,
+        emitted: list[int],
+    ) -> list[InferResponse]:
+        """Streamed token form: one response per generated token, as FT's decoupled mode sends, also for
+        tokens that arrived together because the consumer fell behind. Beams are re-ranked every step,
+        so beam search answers once per progress instead."""
+        results = [_beams(out, token_request.beam_width) for out in latest]
+        if token_request.beam_width > 1:
+            return [make_response(self, request, ft.assemble_outputs(token_request, results), final)]
+        lengths = [len(beams[0].token_ids) if beams else 0 for beams in results]
+        steps = max(n - e for n, e in zip(lengths, emitted))
+        if steps <= 0:
+            return (
+                [make_response(self, request, ft.assemble_outputs(token_request, results), final)]
+                if final
+                else []
+            )
+        responses = []
+        for step in range(1, steps + 1):
+            cut = [
+                [_prefix(b, min(e + step, n)) for b in beams]
+                for beams, e, n in zip(results, emitted, lengths)
+            ]
+            tensors = ft.assemble_outputs(token_request, cut)
+            responses.append(make_response(self, request, tensors, final and step == steps))
+        emitted[:] = lengths
+        return responses
+
     def _texts(
         self, job: _Job, latest: list[RequestOutput | None], deltas: list[dict[int, str]] | None
     ) -> np.ndarray:
@@ -329,6 +367,14 @@ def _beams(out: RequestOutput | None, width: int) -> list[ft.BeamResult]:
         ft.BeamResult(list(c.token_ids), float(c.cumulative_logprob), [lp.logprob for lp in c.logprobs or []])
         for c in beams
     ]
+
+
+def _prefix(beam: ft.BeamResult, length: int) -> ft.BeamResult:
+    """The beam as it stood after its first `length` generated tokens."""
+    if length >= len(beam.token_ids):
+        return beam
+    log_probs = beam.log_probs[:length]
+    return ft.BeamResult(beam.token_ids[:length], float(sum(log_probs)), log_probs)
 
 
 def _abort(streams: Sequence[RequestStream]) -> None:

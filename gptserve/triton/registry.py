@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the server package imports this module, so only for annotat
 logger = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+# Refused with 503 (gRPC UNAVAILABLE), the status Triton gives load/unload outside explicit mode.
 EXPLICIT_ONLY = (
     "model control mode is 'none': models are loaded at start-up only; start the server with "
     "--model-control-mode explicit to load and unload models at run time"
@@ -254,7 +255,7 @@ class ModelRegistry:
         """Load (or reload) a model of the repositories; `config_json` overrides its config and `files`
         (`file:<version>/<name>` -> content) its directory. Explicit model control mode only."""
         if not self.explicit:
-            raise TritonError(EXPLICIT_ONLY)
+            raise TritonError(EXPLICIT_ONLY, 503)
         async with self._lock(name):
             await self._load(name, config_json, files)
 
@@ -306,7 +307,7 @@ class ModelRegistry:
     async def unload(self, name: str, unload_dependents: bool = False) -> None:
         """Unload every version of a model; `unload_dependents` also unloads an ensemble's step models."""
         if not self.explicit:
-            raise TritonError(EXPLICIT_ONLY)
+            raise TritonError(EXPLICIT_ONLY, 503)
         try:
             repo.check_model_name(name)
         except GptServeError as e:

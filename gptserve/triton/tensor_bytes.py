@@ -47,3 +47,14 @@ def deserialize_bytes(buf: bytes, count: int, name: str) -> np.ndarray:
     out = np.empty(count, dtype=object)
     out[:] = items
     return out
+
+
+def count_bytes_elements(buf: bytes, name: str) -> int:
+    """How many length-prefixed elements `buf` holds (a BYTES tensor sent without its shape)."""
+    count = offset = 0
+    while offset < len(buf):
+        if offset + 4 > len(buf):
+            raise TritonError(f"input '{name}': BYTES data ends inside a length prefix")
+        offset += 4 + int.from_bytes(buf[offset : offset + 4], "little")
+        count += 1
+    return count

@@ -3,14 +3,16 @@
 HTTP (KServe v2 JSON and binary) and gRPC (`inference.GRPCInferenceService`) both decode the wire into an
 `InferRequest` of numpy arrays, hand it to a `TritonModel`, and encode the `InferResponse`s it returns.
 Models never see the wire; front-ends never see the engine. BYTES tensors are numpy object arrays of
-`bytes`; every other datatype is the numpy dtype in `DATATYPES`.
+`bytes`; every other datatype is the numpy dtype in `DATATYPES`. `check_request` is the one validation of
+a decoded request against a model's tensors, made by both front-ends; `refuse_shared_memory` is their
+common refusal of shared-memory tensor parameters.
 """
 
 from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,22 @@ class TritonError(Exception):
         super().__init__(message)
         self.message = message
         self.status = status
+
+
+# Tensor parameters that place data in a shared memory region, which this server does not support.
+SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def refuse_shared_memory(name: str, parameters: Container[str], output: bool = False) -> None:
+    """Raises `TritonError` (400) when the parameters of input (or `output`) `name` ask for shared memory."""
+    if not any(p in parameters for p in SHARED_MEMORY_PARAMS):
+        return
+    if output:
+        raise TritonError(f"output '{name}' asks for shared memory, which is not supported")
+    raise TritonError(
+        f"input '{name}' refers to a shared memory region; shared memory is not supported, "
+        "send the tensor data in the request"
+    )
 
 
 def not_found(model: str, version: str | int | None = None) -> TritonError:
@@ -139,8 +157,14 @@ class ModelStats:
     compute_output: Duration = field(default_factory=Duration)
     pending: int = 0  # requests received and not yet answered
 
+    def begin(self) -> int:
+        """A request arrived: it is pending until `record`; returns its start time (`time.monotonic_ns`)."""
+        self.pending += 1
+        return time.monotonic_ns()
+
     def record(self, start_ns: int, rows: int, ok: bool) -> None:
-        """Account one request that began at `start_ns` (`time.monotonic_ns`) and served `rows` rows."""
+        """Account one request that `begin` started at `start_ns` and that served `rows` rows."""
+        self.pending -= 1
         elapsed = time.monotonic_ns() - start_ns
         if not ok:
             self.fail.add(elapsed)
@@ -150,6 +174,17 @@ class ModelStats:
         self.inference_count += rows
         self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def inference_durations(self) -> dict[str, Duration]:
+        """The durations of Triton's `inference_stats`, by field name, in its order."""
+        return {
+            "success": self.success,
+            "fail": self.fail,
+            "queue": self.queue,
+            "compute_input": self.compute_input,
+            "compute_infer": self.compute_infer,
+            "compute_output": self.compute_output,
+        }
 
 
 class TritonModel(abc.ABC):
@@ -206,10 +241,13 @@ def tensor_specs(config: mc.ModelConfig) -> tuple[list[TensorSpec], list[TensorS
     return inputs, outputs
 
 
-def check_request(model: TritonModel, request: InferRequest) -> None:
-    """Triton's checks of a request against a model's tensors: names, required inputs, BYTES versus
-    numeric data, batch size and requested outputs. Numeric datatypes are not told apart (a value out
-    of range is caught where it is read), so clients of either FT revision (INT32 or UINT64 seeds) work."""
+def check_request(model: TritonModel, request: InferRequest, *, shapes: bool = True) -> None:
+    """Triton's checks of a request against a model's tensors, the one validation both front-ends make:
+    input names, BYTES versus numeric data, batch size against `max_batch_size`, required inputs,
+    requested outputs and, with `shapes`, each input's rank and fixed dimensions. Numeric datatypes are
+    not told apart (a value out of range is caught where it is read), so clients of either FT revision
+    (INT32 or UINT64 seeds) work. Models check the requests they are handed with `shapes=False`: ensemble
+    steps and direct callers pass tensors in the looser per-row forms the models' readers accept."""
     specs = {s.name: s for s in model.inputs}
     for name, data in request.inputs.items():
         spec = specs.get(name)
@@ -238,6 +276,14 @@ def check_request(model: TritonModel, request: InferRequest) -> None:
     for name in request.outputs or []:
         if name not in known:
             raise TritonError(f"unexpected inference output '{name}' for model '{model.name}'")
+    if shapes:
+        for name, data in request.inputs.items():
+            wanted, shape = specs[name].shape, list(data.shape)
+            if len(shape) != len(wanted) or any(w not in (-1, g) for w, g in zip(wanted, shape)):
+                raise TritonError(
+                    f"unexpected shape for input '{name}' for model '{model.name}'. "
+                    f"Expected {wanted}, got {shape}"
+                )
 
 
 def make_response(

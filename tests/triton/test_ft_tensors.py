@@ -95,6 +95,15 @@ def test_sampling_scalars_map_per_row():
         .ignore_eos
         is False
     )
+    # Beams too end on end_id alone, with the word lists and penalties of their row.
+    beams = request(
+        end_id=u32([50256]),
+        beam_width=u32([[2], [2]]),
+        repetition_penalty=np.array([[1.3], [1.0]], dtype=np.float32),
+        bad_words_list=np.array([[[7, 8], [2, -1]], [[0, 0], [-1, -1]]], dtype=np.int32),
+    ).params[0]
+    assert beams.use_beam_search and beams.ignore_eos and beams.stop_token_ids == [50256]
+    assert beams.repetition_penalty == pytest.approx(1.3) and beams.bad_words_ids == [[7, 8]]
 
 
 def test_top_k_one_and_beam():

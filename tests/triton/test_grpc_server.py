@@ -440,9 +440,9 @@ def test_api_key_guards_every_call_but_health(served: Served) -> None:
 def test_repository_control_and_unsupported_calls(served: Served) -> None:
     client = served.client()
     status, message = status_of(lambda: client.load_model("tiny"))
-    assert status == "StatusCode.INVALID_ARGUMENT" and "model control mode" in message
+    assert status == "StatusCode.UNAVAILABLE" and "model control mode" in message
     status, message = status_of(lambda: client.unload_model("tiny"))
-    assert status == "StatusCode.INVALID_ARGUMENT" and "model control mode" in message
+    assert status == "StatusCode.UNAVAILABLE" and "model control mode" in message
     assert client.is_model_ready("tiny")
 
     status, _ = status_of(lambda: client.get_trace_settings())

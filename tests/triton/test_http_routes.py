@@ -396,7 +396,7 @@ def test_over_the_model_registry(llm: LLM):
                 stats = (await http.get("/v2/models/tiny/versions/1/stats")).json()["model_stats"]
                 assert stats[0]["inference_count"] == 1
                 response = await http.post("/v2/repository/models/tiny/load")
-                assert response.status_code == 400 and "error" in response.json()
+                assert response.status_code == 503 and "explicit" in response.json()["error"]
                 assert_triton_error(await http.get("/v2/models/tiny/versions/2"), 404, "version 2")
 
     asyncio.run(main())

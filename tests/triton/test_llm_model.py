@@ -187,8 +187,64 @@ def test_beam_width_2_matches_hf_beam_search(setup):
     assert {tuple(ids[0, k, : int(lengths[0, k])].tolist()) for k in range(2)} == {
         tuple(s.tolist()) for s in out
     }
-    cum = response.output("cum_log_probs")
+    cum, per_token = response.output("cum_log_probs"), response.output("output_log_probs")
     assert cum.shape == (1, 2) and cum[0, 0] >= cum[0, 1]
+    assert per_token.shape == (1, 2, 4) and (per_token < 0).all()
+    np.testing.assert_allclose(per_token[0].sum(-1), cum[0], rtol=1e-5, atol=1e-5)
+
+
+def hf_beam_search(hf, prompt, new_tokens, **kwargs):
+    """HF's two beams with each token's log-prob (its per-step beam score)."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            num_beams=2,
+            num_return_sequences=2,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    scores = hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices)
+    return out.sequences[:, len(prompt) :].tolist(), scores.numpy()
+
+
+def test_beam_log_probs_match_hf(setup):
+    registry, hf, _, loop = setup
+    prompt = random_prompts(1, END_ID, [6], seed=7)[0]
+    request = token_request([prompt], 5, beam_width=u32([[2]]), is_return_log_probs=np.array([True]))
+    response = run(loop, registry.get("fastertransformer").infer(request))
+    beams, scores = hf_beam_search(hf, prompt, 5)
+    ids, per_token = response.output("output_ids"), response.output("output_log_probs")
+    assert [ids[0, k, len(prompt) :].tolist() for k in range(2)] == beams
+    np.testing.assert_allclose(per_token[0], scores, atol=1e-4)
+    np.testing.assert_allclose(response.output("cum_log_probs")[0], scores.sum(-1), atol=1e-4)
+
+
+def test_beam_bad_words_and_repetition_penalty_match_hf(setup):
+    registry, hf, _, loop = setup
+    prompt = random_prompts(1, END_ID, [6], seed=7)[0]
+    plain, _ = hf_beam_search(hf, prompt, 6)
+    bad = [[plain[0][0]], [plain[0][2], plain[0][3]]]
+    words = np.array([[[bad[0][0], bad[1][0], bad[1][1]], [1, 3, -1]]], dtype=np.int32)
+    request = token_request(
+        [prompt],
+        6,
+        beam_width=u32([[2]]),
+        bad_words_list=words,
+        repetition_penalty=np.array([[1.5]], dtype=np.float32),
+        is_return_log_probs=np.array([True]),
+    )
+    response = run(loop, registry.get("fastertransformer").infer(request))
+    beams, _ = hf_beam_search(hf, prompt, 6, bad_words_ids=bad, repetition_penalty=1.5)
+    assert beams != plain
+    ids = response.output("output_ids")
+    assert [ids[0, k, len(prompt) :].tolist() for k in range(2)] == beams
+    per_token, cum = response.output("output_log_probs"), response.output("cum_log_probs")
+    np.testing.assert_allclose(per_token[0].sum(-1), cum[0], rtol=1e-5, atol=1e-5)
+    wait_kv_free(registry.get("fastertransformer").engine.engine)
 
 
 def test_decoupled_stream_sends_full_ids_each_step(setup):
