@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": "gptserve.commands.generate",
     "bench": "gptserve.commands.bench",
     "serve": "gptserve.commands.serve",
+    "convert": "gptserve.commands.convert",
 }
 
 
@@ -36,6 +37,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "none", "int8", "int4"],
         help="weight-only quantization; auto keeps a GGUF file's 4/8-bit weights compact on CPU",
     )
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs"
+    )
 
 
 def engine_options(args: argparse.Namespace):
@@ -52,6 +56,7 @@ def engine_options(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,
+        enforce_eager=args.enforce_eager,
     )
 
 

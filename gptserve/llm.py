@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.engine.llm_engine import LLMEngine
 from gptserve.outputs import RequestOutput
+from gptserve.parallel.launcher import shutdown_world
 from gptserve.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -24,6 +26,18 @@ class LLM:
     def __init__(self, model: str | Path | None = None, **engine_options):
         self.engine = build_engine(model, EngineOptions(**engine_options))
         self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wrap an engine built elsewhere (`build_engine` with a checkpoint of its own)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        llm._ids = itertools.count()
+        return llm
+
+    def close(self) -> None:
+        """Stop this process's tensor-parallel workers, if any (also done at interpreter exit)."""
+        shutdown_world()
 
     @property
     def tokenizer(self):

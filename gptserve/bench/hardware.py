@@ -4,6 +4,7 @@ and the bytes one decode step must read, which together give the roofline for de
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -16,20 +17,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 10) -> float:
-    """Bytes/s moved by a device-to-device copy (read + write counted), median of `repeats`."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn()`: CUDA events on a GPU (no host-side gaps counted), host clock elsewhere."""
     times = []
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start_s)
     times.sort()
-    return 2 * nbytes / times[len(times) // 2]
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Bytes/s moved by a device-to-device copy (read + write counted), median of `repeats`.
+    The buffers (1 GiB on a GPU, 256 MiB elsewhere) are far larger than any cache."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else 256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / seconds
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
@@ -38,15 +54,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = Non
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 2 * n**3 / times[len(times) // 2]
+    _sync(device)
+    return 2 * n**3 / _median_seconds(lambda: a @ b, device, repeats)
 
 
 def decode_weight_bytes(model: nn.Module) -> int:

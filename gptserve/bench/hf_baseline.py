@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def load_hf_model(model: str | Path | None, dtype: torch.dtype, device: torch.de
     net.generation_config.eos_token_id = None  # generate exactly the requested lengths
     net.generation_config.pad_token_id = 0
     return net.to(device).eval()
+
+
+def baseline_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The benchmark's model as a transformers model: the same random weights when the engine runs
+    `--random-weights`, else the checkpoint read by transformers."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None:
+        from gptserve.bench.random_weights import hf_model_from_checkpoint
+
+        return hf_model_from_checkpoint(checkpoint, dtype, device)
+    return load_hf_model(args.model, dtype, device)
 
 
 def _sync(device: torch.device) -> None:

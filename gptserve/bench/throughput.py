@@ -4,13 +4,16 @@ next to Hugging Face `generate` on the same prompts in the same process."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
-from gptserve.bench.hf_baseline import hf_generate_time, load_hf_model
-from gptserve.bench.report import print_table, write_json
+from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
+from gptserve.bench.hf_baseline import baseline_model, hf_generate_time
+from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import random_prompts
 from gptserve.config import parse_dtype
+from gptserve.engine.model_runner import kv_bytes_per_token
 from gptserve.llm import LLM
 from gptserve.sampling_params import SamplingParams
 
@@ -22,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
     parser.add_argument("--baseline-dtypes", default="fp32,bf16", help="dtypes of the HF baseline runs")
+    parser.add_argument(
+        "--baseline-batch", type=int, default=0, help="HF generate batch size; 0 = all prompts in one batch"
+    )
+    parser.add_argument(
+        "--baseline-num-prompts", type=int, default=0, help="HF runs the first N prompts only; 0 = all"
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
 
 
@@ -41,31 +50,72 @@ def run_offline(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> d
     }
 
 
+def roofline(llm: LLM, prompts: list[list[int]], output_len: int, bandwidth: float, flops: float) -> float:
+    """Fewest seconds the workload can take on this machine: the weights read once per decode step of
+    full batches, every cached token read once per step that attends to it, 2 FLOPs per weight and token;
+    the larger of the byte time and the FLOP time."""
+    engine = llm.engine
+    weight_bytes = decode_weight_bytes(engine.runner.model)
+    batch = engine.config.scheduler.max_num_seqs
+    steps = math.ceil(len(prompts) / batch) * output_len
+    kv_token = kv_bytes_per_token(engine.model_config, engine.config.dtype)
+    kv_reads = sum(output_len * len(p) + output_len * (output_len - 1) // 2 for p in prompts) * kv_token
+    tokens = sum(len(p) for p in prompts) + len(prompts) * output_len
+    byte_time = (steps * weight_bytes + kv_reads) / bandwidth
+    flop_time = 2 * weight_bytes / engine.config.dtype.itemsize * tokens / flops
+    return max(byte_time, flop_time)
+
+
 def run(args: argparse.Namespace, llm: LLM) -> int:
+    device = llm.engine.config.device
     vocab = llm.engine.model_config.vocab_size
     prompts = random_prompts(args.num_prompts, args.min_input_len, args.max_input_len, vocab)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    run_offline(llm, prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    warm = random_prompts(2, args.min_input_len, args.max_input_len, vocab, seed=1)
+    run_offline(llm, warm, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
     ours = run_offline(llm, prompts, params)
-    results: dict[str, Any] = {"gptserve": ours}
+    bandwidth = copy_bandwidth(device)
+    flops = matmul_rate(device, llm.engine.config.dtype)
+    floor = roofline(llm, prompts, args.output_len, bandwidth, flops)
+    ours["roofline_output_tokens_per_s"] = ours["output_tokens"] / floor
+    results: dict[str, Any] = {
+        "gptserve": ours,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "matmul_flops_per_s": flops,
+        "max_num_seqs": llm.engine.config.scheduler.max_num_seqs,
+    }
     rows = [
         (
             "workload",
             f"{len(prompts)} prompts of {args.min_input_len}-{args.max_input_len} tokens, "
-            f"{args.output_len} new tokens each",
+            f"{args.output_len} new tokens each, <= {results['max_num_seqs']} sequences at once",
         ),
-        ("gptserve", f"{ours['output_tokens_per_s']:.1f} output tok/s ({ours['seconds']:.2f} s)"),
-    ]
+        ("copy bandwidth (measured)", gb(bandwidth)),
+        ("matmul rate (measured)", f"{flops / 1e12:.1f} TFLOP/s"),
+        ("roofline", f"{ours['roofline_output_tokens_per_s']:.1f} output tok/s ({floor:.2f} s)"),
+        ("gptserve", f"{ours['output_tokens_per_s']:.1f} output tok/s ({ours['seconds']:.2f} s), "
+                     f"{ours['output_tokens_per_s'] / ours['roofline_output_tokens_per_s']:.0%} of roofline"),
+    ]  # fmt: skip
     if args.baseline == "hf":
-        device = llm.engine.config.device
+        hf_prompts = prompts[: args.baseline_num_prompts or len(prompts)]
+        batch = args.baseline_batch or len(hf_prompts)
         for name in args.baseline_dtypes.split(","):
-            dtype = parse_dtype(name.strip())
-            net = load_hf_model(args.model, dtype, device)
-            hf_generate_time(net, prompts[:2], 4)  # warm-up
-            seconds = hf_generate_time(net, prompts, args.output_len)
-            rate = len(prompts) * args.output_len / seconds
-            results[f"hf_{name}"] = {"seconds": seconds, "output_tokens_per_s": rate}
-            rows.append((f"HF generate {name}", f"{rate:.1f} output tok/s ({seconds:.2f} s)"))
+            net = baseline_model(args, parse_dtype(name.strip()), device)
+            hf_generate_time(net, hf_prompts[:2], 4)  # warm-up
+            seconds = sum(
+                hf_generate_time(net, hf_prompts[i : i + batch], args.output_len)
+                for i in range(0, len(hf_prompts), batch)
+            )
+            rate = len(hf_prompts) * args.output_len / seconds
+            results[f"hf_{name}"] = {
+                "seconds": seconds,
+                "output_tokens_per_s": rate,
+                "requests": len(hf_prompts),
+                "batch": batch,
+            }
+            rows.append((f"HF generate {name}",
+                         f"{rate:.1f} output tok/s ({seconds:.2f} s; "
+                         f"{len(hf_prompts)} prompts, batches of {batch})"))  # fmt: skip
             rows.append((f"  gptserve / HF {name}", f"{ours['output_tokens_per_s'] / rate:.2f}x"))
             del net
     print_table("bench throughput", rows)

@@ -26,6 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             continue
         mp = modes.add_parser(mode, help=(module.__doc__ or "").split("\n")[0])
         add_engine_args(mp)
+        if mode in NEEDS_ENGINE:
+            mp.add_argument(
+                "--random-weights",
+                default=None,
+                metavar="SHAPE",
+                help="benchmark random weights of a known shape (gptj-6b) instead of a checkpoint",
+            )
         module.add_arguments(mp)
 
 
@@ -36,5 +43,14 @@ def run(args: argparse.Namespace) -> int:
     from gptserve.cli import engine_options
     from gptserve.llm import LLM
 
-    llm = LLM(args.model, **vars(engine_options(args)))
-    return module.run(args, llm)
+    options = engine_options(args)
+    args.checkpoint = None
+    if args.random_weights:
+        from gptserve.bench.random_weights import random_checkpoint
+        from gptserve.engine.builder import build_engine, resolve_device, resolve_dtype
+
+        device = resolve_device(options.device)
+        args.checkpoint = random_checkpoint(args.random_weights, device, resolve_dtype(options.dtype, device))
+        engine = build_engine(f"random:{args.random_weights}", options, checkpoint=args.checkpoint)
+        return module.run(args, LLM.from_engine(engine))
+    return module.run(args, LLM(args.model, **vars(options)))

@@ -9,14 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from gptserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
 from gptserve.engine.llm_engine import LLMEngine
-from gptserve.engine.model_runner import kv_bytes_per_token
+from gptserve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from gptserve.errors import GptServeError
 from gptserve.layers.quantized_linear import quantize_linears
-from gptserve.loading.checkpoint import load_checkpoint
+from gptserve.loading.checkpoint import Checkpoint, load_checkpoint
 from gptserve.models.registry import model_class
+from gptserve.parallel import parallel_state
+from gptserve.parallel.launcher import current_world, rank_device, start_world
+from gptserve.parallel.sharding import check_tensor_parallel
+from gptserve.parallel.worker import serve_steps
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class EngineOptions:
     seed: int = 0
     tensor_parallel_size: int = 1
     quantization: str = "auto"  # auto | none | int8 | int4 (weight-only)
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -89,6 +95,8 @@ def resolve_quantization(
         return None
     if name != "auto":
         return name
+    if stored in ("int8", "int4"):  # converted weight-only: quantized wherever it runs
+        return stored
     if stored is None or device.type != "cpu" or dtype == torch.float32:
         return None
     return "int4" if stored.startswith(("Q4", "IQ4")) else "int8"
@@ -104,34 +112,97 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_engine(model: str | Path | None = None, options: EngineOptions | None = None) -> LLMEngine:
-    """Load the checkpoint at `model` (None = the embedded default) and size the KV cache."""
-    opts = options or EngineOptions()
-    if opts.tensor_parallel_size != 1:
-        raise GptServeError("tensor_parallel_size > 1 is not supported yet")
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
-    checkpoint = load_checkpoint(model)
-    model_config = ModelConfig.from_hf(checkpoint.hf_config)
+def load_model(
+    checkpoint: Checkpoint,
+    model_config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    opts: EngineOptions,
+) -> nn.Module:
+    """This rank's shard of the model, weights loaded (and quantized when asked), in eval mode."""
     with _default_dtype(dtype), torch.device(device):
         net = model_class(model_config)(model_config)
-    net.load_weights(checkpoint.weights())
+    net.load_weights(checkpoint.weights_for_rank(parallel_state.rank(), parallel_state.world_size()))
     net.eval()
     quantization = resolve_quantization(opts.quantization, checkpoint.quantization, device, dtype)
     if quantization is not None:
         # `auto` quantizes for speed, not memory: on CPU the dense weights stay for prefill and batched
         # decode, which run faster as dense GEMMs. An explicit int8/int4 keeps only the compact weights.
-        keep_dense = opts.quantization == "auto" and device.type == "cpu"
+        converted = checkpoint.quantization == quantization  # a converted int8 dir stays compact
+        keep_dense = opts.quantization == "auto" and device.type == "cpu" and not converted
         counts = quantize_linears(net, quantization, "int8", keep_dense=keep_dense)
         logger.info("weight-only quantization: %s", ", ".join(f"{n} {k} layers" for k, n in counts.items()))
+    return net
 
+
+def build_engine(
+    model: str | Path | None = None,
+    options: EngineOptions | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> LLMEngine:
+    """Load the checkpoint at `model` (None = the embedded default) and size the KV cache.
+
+    A `checkpoint` given directly (random weights for benchmarks) is used instead of reading `model`,
+    which then only names it.
+
+    With `tensor_parallel_size` N > 1 (or under `torchrun`) this process becomes rank 0 of N and returns
+    the engine that drives them all; a torchrun rank other than 0 runs the worker loop here instead and
+    exits when rank 0 shuts the group down.
+    """
+    opts = options or EngineOptions()
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    checkpoint = checkpoint or load_checkpoint(model)
+    model_config = ModelConfig.from_hf(checkpoint.hf_config)
+    world = None
+    if opts.tensor_parallel_size != 1 or parallel_state.launched_by_torchrun():
+        check_tensor_parallel(model_config, opts.tensor_parallel_size)
+        world = start_world(opts.tensor_parallel_size, device, None if model is None else str(model), opts)
+        check_tensor_parallel(model_config, world.world_size)
+        device = rank_device(device)
+    elif current_world() is not None:
+        raise GptServeError("a tensor-parallel group is running in this process; shut it down first")
+    try:
+        net = load_model(checkpoint, model_config, device, dtype, opts)
+        if parallel_state.rank() != 0:
+            serve_steps(ModelRunner(net, model_config, *_received_cache_shape(), device, dtype))
+            raise SystemExit(0)
+        engine = _engine(model, opts, checkpoint, model_config, net, device, dtype)
+    except BaseException:
+        if world is not None:
+            world.shutdown()
+        raise
+    if world is not None:
+        parallel_state.broadcast_object((engine.config.cache.num_blocks, engine.config.cache.block_size))
+        engine.runner.publish = parallel_state.broadcast_object
+        logger.info("tensor parallel: %d ranks, this process is rank 0", world.world_size)
+    return engine
+
+
+def _received_cache_shape() -> tuple[int, int]:
+    """A worker's (num_blocks, block_size), as rank 0 sized them; exits quietly when rank 0 gave up."""
+    shape = parallel_state.broadcast_object()
+    if shape is None:
+        raise SystemExit(0)
+    return shape
+
+
+def _engine(
+    model: str | Path | None,
+    opts: EngineOptions,
+    checkpoint: Checkpoint,
+    model_config: ModelConfig,
+    net: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> LLMEngine:
     max_model_len = opts.max_model_len or model_config.max_position_embeddings
     if max_model_len > model_config.max_position_embeddings and model_config.architecture == "gpt2":
         raise GptServeError(
             f"max_model_len {max_model_len} exceeds GPT-2's "
             f"{model_config.max_position_embeddings} learned positions"
         )
-    per_token = kv_bytes_per_token(model_config, dtype)
+    per_token = kv_bytes_per_token(model_config, dtype, parallel_state.world_size())
     block_bytes = per_token * opts.block_size
     if opts.num_kv_blocks is not None:
         num_blocks = opts.num_kv_blocks
@@ -169,6 +240,10 @@ def build_engine(model: str | Path | None = None, options: EngineOptions | None 
     if tokenizer is not None and checkpoint.chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = checkpoint.chat_template
     engine = LLMEngine(config, net, tokenizer, num_blocks)
+    if device.type == "cuda" and not opts.enforce_eager and parallel_state.world_size() == 1:
+        from gptserve.engine.cuda_graphs import capture_decode_graphs
+
+        engine.runner.cuda_graphs = capture_decode_graphs(engine.runner, opts.max_num_seqs, max_model_len)
     engine.chat_template = checkpoint.chat_template
     engine.model_name = str(model) if model else "SmolLM2-135M-Instruct"
     return engine

@@ -7,6 +7,10 @@ longest: the token dimension is the sum of the scheduled tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -14,11 +18,30 @@ from gptserve.config import ModelConfig
 from gptserve.engine.scheduler import ScheduledSeq
 from gptserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_context
 
+if TYPE_CHECKING:
+    from gptserve.engine.cuda_graphs import CudaGraphRunner
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of K and V that one token occupies across all layers."""
+
+@dataclass
+class StepInputs:
+    """One step's packed batch as plain Python data: all a tensor-parallel rank needs to run the same
+    forward pass on its shard (rank 0 broadcasts it before running the step itself)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)  # block table of each decode query
+    decode_lens: list[int] = field(default_factory=list)
+    # (query offset, query length, context length, the context's blocks) of each prefill chunk
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)  # rows of the packed batch to compute logits for
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) cache blocks, before the step
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, world_size: int = 1) -> int:
+    """Bytes of K and V that one token occupies across all layers, on each of `world_size` ranks."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * elem
+    return 2 * config.num_layers * (config.num_kv_heads // world_size) * config.head_dim * elem
 
 
 class ModelRunner:
@@ -37,6 +60,8 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.device = device
+        self.publish: Callable[[StepInputs], None] | None = None  # sends each step to the other TP ranks
+        self.cuda_graphs: CudaGraphRunner | None = None  # decode steps replayed from CUDA graphs
         self.layers: list[Attention] = [m for m in model.modules() if isinstance(m, Attention)]
         if len(self.layers) != config.num_layers:
             raise RuntimeError(
@@ -61,21 +86,22 @@ class ModelRunner:
         for layer in self.layers:
             layer.copy_blocks(src, dst)
 
-    @torch.inference_mode()
     def execute(
         self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, list[int]]:
         """Run the step. Returns float32 logits for the sampling entries, and their indices in `scheduled`."""
-        self.copy_blocks(copies)
+        step, sample_entries = self.prepare(scheduled, copies)
+        if self.publish is not None:
+            self.publish(step)
+        return self.run(step), sample_entries
+
+    def prepare(
+        self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]]
+    ) -> tuple[StepInputs, list[int]]:
+        """Pack the scheduled tokens; returns the step and the index in `scheduled` of each logits row."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
-        logits_rows: list[int] = []
+        step = StepInputs(copies=copies)
         sample_entries: list[int] = []
         # Plain Python ints, turned into tensors once: per-sequence tensor ops would cost more than the
         # whole one-sequence decode step's bookkeeping.
@@ -83,39 +109,49 @@ class ModelRunner:
             item = scheduled[i]
             seq, n = item.seq, item.num_new_tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            offset = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            offset = len(step.input_ids)
+            step.input_ids.extend(seq.token_ids[start:end])
+            step.positions.extend(range(start, end))
             block_ids = seq.block_ids
-            slot_mapping.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            step.slot_mapping.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1:
-                decode_tables.append(block_ids[: (end - 1) // bs + 1])
-                decode_lens.append(end)
+                step.decode_tables.append(block_ids[: (end - 1) // bs + 1])
+                step.decode_lens.append(end)
             else:
-                context = self._slots(block_ids, 0, end).to(self.device)
-                prefills.append(PrefillChunk(offset, n, end, context))
+                step.prefills.append((offset, n, end, block_ids[: (end - 1) // bs + 1]))
             if item.sample:
-                logits_rows.append(offset + n - 1)
+                step.logits_rows.append(offset + n - 1)
                 sample_entries.append(i)
+        return step, sample_entries
 
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """Run the model on a packed step; float32 logits of its `logits_rows`."""
+        self.copy_blocks(step.copies)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_replay(step):
+            return self.cuda_graphs.replay(step)
+        prefills = [
+            PrefillChunk(offset, n, end, self._slots(blocks, 0, end).to(self.device))
+            for offset, n, end, blocks in step.prefills
+        ]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
-            num_decode_tokens=len(decode_lens),
+            slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(step.decode_lens),
             prefills=prefills,
         )
-        if decode_lens:
-            self._decode_metadata(meta, decode_tables, decode_lens)
+        if step.decode_lens:
+            self._decode_metadata(meta, step.decode_tables, step.decode_lens)
 
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(step.positions, dtype=torch.long, device=self.device)
         with attention_context(meta):
             hidden = self.model(ids, pos)
-        if not logits_rows:
-            return torch.empty(0, self.config.vocab_size), []
-        if len(logits_rows) != len(input_ids):  # a decode-only step samples every row as it stands
-            hidden = hidden[torch.tensor(logits_rows, device=self.device)]
-        logits = self.model.compute_logits(hidden).float()
-        return logits, sample_entries
+        rows = step.logits_rows
+        if not rows:
+            return torch.empty(0, self.config.vocab_size)
+        if len(rows) != len(step.input_ids):  # a decode-only step samples every row as it stands
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        return self.model.compute_logits(hidden).float()
 
     def _decode_metadata(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
         """Block tables padded to the longest; a pad repeats the sequence's own last block, which the

@@ -47,6 +47,16 @@ class AttentionMetadata:
     # Index and mask tensors derived from the decode block tables, built by the first layer that needs
     # them and reused by the rest (every layer of a model has the same cache shape).
     derived: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    # CUDA: `decode_context_lens` as a device tensor; a CUDA graph binds its own static buffer here.
+    decode_context_lens_device: torch.Tensor | None = None
+
+    def decode_lens_tensor(self) -> torch.Tensor:
+        """int32 [num_decodes] context length of each decode query, on the block tables' device."""
+        if self.decode_context_lens_device is None:
+            self.decode_context_lens_device = torch.tensor(
+                self.decode_context_lens, dtype=torch.int32, device=self.decode_blocks.device
+            )
+        return self.decode_context_lens_device
 
     def decode_gather_rows(self, num_kv_heads: int, num_blocks: int) -> torch.Tensor:
         """Row indices into a [2 * num_kv_heads * num_blocks, block_size * head_dim] view of a cache:
@@ -159,7 +169,12 @@ class Attention(nn.Module):
 
     def _paged(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, heads*dim] and the new kv [T, 2*kv_heads, dim]: write kv to the cache, then attend."""
-        self._slots.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1).to(self._slots.dtype))
+        if kv.is_cuda:  # skips negative slots, the padding rows of a CUDA-graph batch
+            from gptserve.kernels.kv_cache_write import write_kv
+
+            write_kv(kv, self._slots, meta.slot_mapping)
+        else:
+            self._slots.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1).to(self._slots.dtype))
         num_tokens, nd = q.shape[0], meta.num_decode_tokens
         if nd == num_tokens:
             return self._decode(q, meta)
@@ -190,6 +205,12 @@ class Attention(nn.Module):
         more than converting the gathered K/V and using float32 BLAS.
         """
         b = q.shape[0]
+        if q.is_cuda:  # the Triton paged-attention kernel reads the blocks in place
+            from gptserve.kernels.paged_attention import paged_attention_decode
+
+            q3 = q.view(b, self.num_heads, self.head_dim)
+            lens = meta.decode_lens_tensor()
+            return paged_attention_decode(q3, self.kv_cache, meta.decode_blocks, lens, self.scale).view(b, -1)
         hkv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         num_blocks, block_size = self.kv_cache.shape[1:3]
         rows = meta.decode_gather_rows(hkv, num_blocks)

@@ -147,6 +147,9 @@ def quantize_linears(
             quantized = kinds[kind].from_linear(child)
             if keep_dense:
                 quantized.dense = child.weight.detach()
+            wrap = getattr(child, "wrap_quantized", None)  # a tensor-parallel layer keeps its collective
+            if wrap is not None:
+                quantized = wrap(quantized)
             setattr(module, name, quantized)
             counts[kind] = counts.get(kind, 0) + 1
     return counts

@@ -269,4 +269,7 @@ class Sampler:
         for j, i in enumerate(asking):
             k = rows[i].params.logprobs
             top_logprobs[i] = list(zip(top_ids[j][:k], top_values[j][:k], strict=True)) if k else []
+        if tokens.is_cuda:  # one device-to-host transfer for both (token ids are exact in float64)
+            ids, values = torch.stack((tokens.double(), chosen.double())).tolist()
+            return SamplerOutput([int(t) for t in ids], values, top_logprobs)
         return SamplerOutput(tokens.tolist(), chosen.tolist(), top_logprobs)

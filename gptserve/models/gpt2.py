@@ -15,7 +15,9 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
+from gptserve.models.weights import embedding, load_hf_weights
+from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
+from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
 
 _CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
@@ -24,14 +26,15 @@ class GPT2Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         hidden = config.hidden_size
-        self.c_attn = uninitialized(nn.Linear, hidden, 3 * hidden)
-        self.c_proj = uninitialized(nn.Linear, hidden, hidden)
+        self.c_attn = column_parallel_linear(hidden, 3 * hidden)
+        self.c_proj = row_parallel_linear(hidden, hidden)
         # GPT-2-only switches that ModelConfig does not carry; absent means GPT-2's defaults.
         hf = config.hf_config
         scale = config.head_dim**-0.5 if hf.get("scale_attn_weights", True) else 1.0
         if hf.get("scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
-        self.attn = Attention(config.num_heads, config.num_heads, config.head_dim, scale)
+        heads = divide(config.num_heads)  # this rank's heads
+        self.attn = Attention(heads, heads, config.head_dim, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.attn.forward_packed(self.c_attn(x)))
@@ -40,8 +43,8 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = uninitialized(nn.Linear, config.hidden_size, config.intermediate_size)
-        self.c_proj = uninitialized(nn.Linear, config.intermediate_size, config.hidden_size)
+        self.c_fc = column_parallel_linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +67,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.wte = embedding(config.vocab_size, config.hidden_size)
+        self.wte = vocab_parallel_embedding(config.vocab_size, config.hidden_size)
         self.wpe = embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
@@ -81,7 +84,7 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = lm_head(self.transformer.wte, config.tie_word_embeddings)
+        self.lm_head = parallel_lm_head(self.transformer.wte, config.vocab_size, config.tie_word_embeddings)
         self.packed_modules: dict[str, dict[str, int]] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -16,30 +16,32 @@ from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
 from gptserve.layers.rotary import Rope, RotaryEmbedding
-from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
+from gptserve.models.weights import load_hf_weights
+from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
+from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
 
 
 class GPTNeoXAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
-        hidden, bias = config.hidden_size, config.attention_bias
-        self.hidden_size = hidden
-        self.qkv_proj = uninitialized(nn.Linear, hidden, 3 * hidden, bias=bias)
-        self.dense = uninitialized(nn.Linear, hidden, hidden, bias=bias)
+        hidden, bias, heads = config.hidden_size, config.attention_bias, divide(config.num_heads)
+        self.q_size = heads * config.head_dim  # this rank's heads
+        self.qkv_proj = column_parallel_linear(hidden, 3 * hidden, bias=bias)
+        self.dense = row_parallel_linear(hidden, hidden, bias=bias)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(config.num_heads, config.num_heads, config.head_dim)
+        self.attn = Attention(heads, heads, config.head_dim)
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        self.rotary_emb.rotate_(qkv[:, : 2 * self.hidden_size], rope)  # q and k heads, in place
+        self.rotary_emb.rotate_(qkv[:, : 2 * self.q_size], rope)  # q and k heads, in place
         return self.dense(self.attn.forward_packed(qkv))
 
 
 class GPTNeoXMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense_h_to_4h = uninitialized(nn.Linear, config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = uninitialized(nn.Linear, config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = column_parallel_linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,7 @@ class GPTNeoXModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config)  # shared by every layer
-        self.embed_in = embedding(config.vocab_size, config.hidden_size)
+        self.embed_in = vocab_parallel_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GPTNeoXLayer(config, rotary_emb) for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
@@ -84,8 +86,9 @@ class GPTNeoXForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.gpt_neox = GPTNeoXModel(config)
-        self.lm_head = lm_head(self.gpt_neox.embed_in, config.tie_word_embeddings)
-        self.packed_modules = {"qkv_proj": {"query_key_value": 3 * config.hidden_size}}
+        self.lm_head = parallel_lm_head(self.gpt_neox.embed_in, config.vocab_size, config.tie_word_embeddings)
+        self.heads = divide(config.num_heads)  # this rank's heads
+        self.packed_modules = {"qkv_proj": {"query_key_value": 3 * self.heads * config.head_dim}}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.gpt_neox(input_ids, positions)
@@ -104,7 +107,7 @@ class GPTNeoXForCausalLM(nn.Module):
         load_hf_weights(self, self._convert(weights), self.packed_modules, ignore)
 
     def _convert(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
-        heads, head_dim = self.config.num_heads, self.config.head_dim
+        heads, head_dim = self.heads, self.config.head_dim
         for name, tensor in weights:
             if name.startswith("embed_out."):  # the head's name before transformers 5
                 name = "lm_head." + name.removeprefix("embed_out.")

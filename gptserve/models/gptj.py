@@ -14,30 +14,32 @@ from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
 from gptserve.layers.rotary import Rope, RotaryEmbedding
-from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
+from gptserve.models.weights import load_hf_weights
+from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
+from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
 
 
 class GPTJAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
-        hidden = config.hidden_size
-        self.hidden_size = hidden
-        self.qkv_proj = uninitialized(nn.Linear, hidden, 3 * hidden, bias=False)
-        self.out_proj = uninitialized(nn.Linear, hidden, hidden, bias=False)
+        hidden, heads = config.hidden_size, divide(config.num_heads)  # this rank's heads
+        self.q_size = heads * config.head_dim
+        self.qkv_proj = column_parallel_linear(hidden, 3 * hidden, bias=False)
+        self.out_proj = row_parallel_linear(hidden, hidden, bias=False)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(config.num_heads, config.num_heads, config.head_dim)
+        self.attn = Attention(heads, heads, config.head_dim)
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        self.rotary_emb.rotate_(qkv[:, : 2 * self.hidden_size], rope)  # q and k heads, in place
+        self.rotary_emb.rotate_(qkv[:, : 2 * self.q_size], rope)  # q and k heads, in place
         return self.out_proj(self.attn.forward_packed(qkv))
 
 
 class GPTJMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc_in = uninitialized(nn.Linear, config.hidden_size, config.intermediate_size)
-        self.fc_out = uninitialized(nn.Linear, config.intermediate_size, config.hidden_size)
+        self.fc_in = column_parallel_linear(config.hidden_size, config.intermediate_size)
+        self.fc_out = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ class GPTJModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config, interleaved=True)  # shared
-        self.wte = embedding(config.vocab_size, config.hidden_size)
+        self.wte = vocab_parallel_embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(GPTJBlock(config, rotary_emb) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
@@ -77,9 +79,11 @@ class GPTJForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPTJModel(config)
-        self.lm_head = lm_head(self.transformer.wte, config.tie_word_embeddings, bias=True)
-        hidden = config.hidden_size
-        self.packed_modules = {"qkv_proj": {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden}}
+        self.lm_head = parallel_lm_head(
+            self.transformer.wte, config.vocab_size, config.tie_word_embeddings, bias=True
+        )
+        q = self.transformer.h[0].attn.q_size  # this rank's rows of each part
+        self.packed_modules = {"qkv_proj": {"q_proj": q, "k_proj": q, "v_proj": q}}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)

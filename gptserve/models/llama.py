@@ -17,21 +17,22 @@ from gptserve.layers.activation import ActAndMul
 from gptserve.layers.attention import Attention
 from gptserve.layers.norms import RMSNorm
 from gptserve.layers.rotary import Rope, RotaryEmbedding
-from gptserve.models.weights import embedding, lm_head, load_hf_weights, uninitialized
+from gptserve.models.weights import load_hf_weights
+from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
+from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
         super().__init__()
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
-        bias = config.attention_bias
-        self.qkv_proj = uninitialized(
-            nn.Linear, config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias
-        )
-        self.o_proj = uninitialized(nn.Linear, self.q_size, config.hidden_size, bias=bias)
+        heads, kv_heads = divide(config.num_heads), divide(config.num_kv_heads)  # this rank's heads
+        self.q_size, self.kv_size = heads * config.head_dim, kv_heads * config.head_dim
+        hidden, bias, head_dim = config.hidden_size, config.attention_bias, config.head_dim
+        qkv_size = (config.num_heads + 2 * config.num_kv_heads) * head_dim
+        self.qkv_proj = column_parallel_linear(hidden, qkv_size, bias=bias)
+        self.o_proj = row_parallel_linear(config.num_heads * head_dim, hidden, bias=bias)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim)
+        self.attn = Attention(heads, kv_heads, head_dim)
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -43,8 +44,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_up_proj = uninitialized(nn.Linear, hidden, 2 * inner, bias=bias)
-        self.down_proj = uninitialized(nn.Linear, inner, hidden, bias=bias)
+        self.gate_up_proj = column_parallel_linear(hidden, 2 * inner, bias=bias)
+        self.down_proj = row_parallel_linear(inner, hidden, bias=bias)
         self.act_fn = ActAndMul(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         # One cos/sin table shared by every layer.
         self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config)
-        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = vocab_parallel_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
@@ -86,11 +87,14 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = lm_head(self.model.embed_tokens, config.tie_word_embeddings)
-        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.packed_modules = {
-            "qkv_proj": {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
-            "gate_up_proj": {"gate_proj": config.intermediate_size, "up_proj": config.intermediate_size},
+        self.lm_head = parallel_lm_head(
+            self.model.embed_tokens, config.vocab_size, config.tie_word_embeddings
+        )
+        attn = self.model.layers[0].self_attn
+        inner = divide(config.intermediate_size)
+        self.packed_modules = {  # this rank's rows of each part
+            "qkv_proj": {"q_proj": attn.q_size, "k_proj": attn.kv_size, "v_proj": attn.kv_size},
+            "gate_up_proj": {"gate_proj": inner, "up_proj": inner},
         }
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

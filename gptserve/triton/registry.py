@@ -138,7 +138,6 @@ class ModelRegistry:
             return EnsembleModel(name, str(version), config, self.get)
         if config.backend == "fastertransformer":
             path = repo.checkpoint_path(config, entry.directory, version)
-            repo.check_checkpoint(path, name)
             options = repo.ft_engine_options(config, self.engine_options)
             from gptserve.server.async_engine import AsyncEngine
 

@@ -139,16 +139,6 @@ def checkpoint_path(config: mc.ModelConfig, directory: Path, version: int) -> Pa
     return path
 
 
-def check_checkpoint(path: Path, name: str) -> None:
-    """Refuse, with a clear reason, checkpoints `build_engine` cannot read yet."""
-    if path.is_dir() and (path / "config.ini").is_file() and not (path / "config.json").is_file():
-        raise ModelRepositoryError(
-            f"model '{name}': {str(path)!r} is a FasterTransformer c-model checkpoint (config.ini + "
-            "model.*.bin), which gptserve cannot load yet; point model_checkpoint_path at a Hugging Face "
-            "model directory or a .gguf file"
-        )
-
-
 def ft_engine_options(config: mc.ModelConfig, options: EngineOptions) -> EngineOptions:
     """The engine options of a FasterTransformer model: the server's, checked against and refined by
     `tensor_para_size`, `pipeline_para_size` and `data_type`."""
@@ -164,7 +154,9 @@ def ft_engine_options(config: mc.ModelConfig, options: EngineOptions) -> EngineO
             f"model '{name}': pipeline_para_size is {pp}, but only 1 is supported (pipeline parallelism "
             'is not implemented); set it to "1"'
         )
-    if int(tp) != options.tensor_parallel_size:
+    # The config says how many ranks the model runs on; a --tensor-parallel-size other than the default
+    # must agree with it.
+    if options.tensor_parallel_size not in (1, int(tp)):
         raise ModelRepositoryError(
             f"model '{name}': tensor_para_size is {tp} but the server runs with --tensor-parallel-size "
             f"{options.tensor_parallel_size}; they must be equal"
@@ -184,7 +176,7 @@ def ft_engine_options(config: mc.ModelConfig, options: EngineOptions) -> EngineO
         logger.info("model '%s': data_type fp16 on CPU runs in the engine's CPU dtype (--dtype auto)", name)
     else:
         dtype = FT_DATA_TYPES[data_type]
-    return dataclasses.replace(options, dtype=dtype)
+    return dataclasses.replace(options, dtype=dtype, tensor_parallel_size=int(tp))
 
 
 def check_model_type(config: mc.ModelConfig, architecture: str) -> None:

@@ -170,11 +170,13 @@ def gpt2_vocab_files() -> tuple[Path, Path]:
     return data / "encoder.json", data / "vocab.bpe"
 
 
-def write_gptj_repository(root: Path, checkpoint: Path, decoupled: bool = False) -> Path:
+def write_gptj_repository(
+    root: Path, checkpoint: Path, decoupled: bool = False, tensor_para_size: int = 1
+) -> Path:
     """FT's `all_models/gptj` under `root`, its fastertransformer model pointing at `checkpoint`."""
     vocab, merges = gpt2_vocab_files()
     configs = {
-        "fastertransformer": fastertransformer_config(str(checkpoint), decoupled=decoupled),
+        "fastertransformer": fastertransformer_config(str(checkpoint), tensor_para_size, decoupled),
         "preprocessing": PREPROCESSING,
         "postprocessing": POSTPROCESSING,
         "ensemble": ensemble_config(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -101,8 +102,9 @@ def test_ft_parallel_sizes_and_data_type(tmp_path, caplog):
     with pytest.raises(repo.ModelRepositoryError, match="pipeline_para_size is 2, but only 1"):
         repo.ft_engine_options(config, OPTIONS)
     _, config = ft(tmp_path, "ft2", tensor_para_size="4")
-    with pytest.raises(repo.ModelRepositoryError, match="tensor_para_size is 4 .* --tensor-parallel-size 1"):
-        repo.ft_engine_options(config, OPTIONS)
+    assert repo.ft_engine_options(config, OPTIONS).tensor_parallel_size == 4  # the config sets the ranks
+    with pytest.raises(repo.ModelRepositoryError, match="tensor_para_size is 4 .* --tensor-parallel-size 2"):
+        repo.ft_engine_options(config, dataclasses.replace(OPTIONS, tensor_parallel_size=2))
     _, config = ft(tmp_path, "ft3", data_type="bf16")
     assert repo.ft_engine_options(config, EngineOptions(device="cpu")).dtype == "bf16"
     assert repo.ft_engine_options(config, OPTIONS).dtype == "fp32"  # an explicit --dtype wins
@@ -169,7 +171,7 @@ def test_broken_models_are_unavailable_and_others_load(tmp_path):
     s = states(registry)
     assert s[("preprocessing", "1")] == ("READY", "")
     assert s[("onnx", "1")][0] == "UNAVAILABLE" and "onnxruntime_onnx" in s[("onnx", "1")][1]
-    assert "c-model" in s[("ft", "1")][1] and "cannot load yet" in s[("ft", "1")][1]
+    assert s[("ft", "1")][0] == "UNAVAILABLE" and "c-model" in s[("ft", "1")][1]  # config.ini, no weights
     assert "needs a tokenizer" in s[("post", "1")][1]
     assert "must equal the model directory name" in s[("wrong", "")][1]
     assert "not in the repository: ['nope']" in s[("ens", "1")][1]

@@ -1,0 +1,149 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch size of a bounded set.
+
+A decode-only step of B sequences runs the graph of the smallest captured size >= B. Every input the
+graph reads sits in one static int64 device buffer per size (token ids, positions, cache slots, context
+lengths, block tables), filled by a single host-to-device copy before the replay. Padding is explicit:
+a padding row has token 0 at position 0, cache slot -1 (the KV write skips it) and context length 0
+(the attention kernel writes zeros), and its logits are dropped. Block tables are as wide as the
+longest sequence allowed (`max_model_len`), so one graph serves every context length.
+
+Steps that hold a prefill chunk, or more sequences than the largest graph, run eagerly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from gptserve.layers.attention import AttentionMetadata, attention_context
+
+if TYPE_CHECKING:
+    from gptserve.engine.model_runner import ModelRunner, StepInputs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class _Graph:
+    """One captured decode step: its static input buffer, the views the model reads, its logits."""
+
+    def __init__(self, batch: int, width: int, device: torch.device):
+        self.batch, self.width = batch, width
+        self.inputs = torch.zeros(batch * (4 + width), dtype=torch.long, device=device)
+        ids, pos, slots, lens, tables = self.inputs.split([batch, batch, batch, batch, batch * width])
+        self.ids, self.pos, self.slots, self.lens = ids, pos, slots, lens
+        self.tables = tables.view(batch, width)
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits: torch.Tensor | None = None
+
+    def metadata(self) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=self.slots, num_decode_tokens=self.batch)
+        meta.decode_blocks = self.tables
+        meta.decode_context_lens_device = self.lens
+        return meta
+
+    def host_inputs(self, step: StepInputs) -> list[int]:
+        """The step's inputs, padded to this graph's batch, in the layout of `inputs`."""
+        pad = self.batch - len(step.input_ids)
+        flat = step.input_ids + [0] * pad
+        flat += step.positions + [0] * pad
+        flat += step.slot_mapping + [-1] * pad
+        flat += step.decode_lens + [0] * pad
+        width = self.width
+        for table in step.decode_tables:
+            flat += table
+            flat += [0] * (width - len(table))
+        flat += [0] * (width * pad)
+        return flat
+
+
+class CudaGraphRunner:
+    """Captures the model's decode step for each batch size and replays it for matching steps."""
+
+    def __init__(self, runner: ModelRunner, batch_sizes: list[int], max_model_len: int):
+        self.runner = runner
+        self.width = -(-max_model_len // runner.block_size)
+        self.batch_sizes = sorted(set(batch_sizes))
+        self.graphs: dict[int, _Graph] = {}
+        # Smallest captured size holding b sequences, for every b up to the largest.
+        self._size_for = [0] * (self.batch_sizes[-1] + 1)
+        size = 0
+        for b in range(self.batch_sizes[-1], 0, -1):
+            if b in self.batch_sizes:
+                size = b
+            self._size_for[b] = size
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every size, largest first so the smaller ones reuse its memory pool; seconds taken."""
+        start = time.perf_counter()
+        device = self.runner.device
+        pool = None
+        stream = torch.cuda.Stream(device)
+        for batch in reversed(self.batch_sizes):
+            graph = _Graph(batch, self.width, device)
+            graph.lens.fill_(1)  # warm-up and capture attend to one cached token (block 0)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._forward(graph)  # compiles the kernels and sets up cuBLAS outside the capture
+            torch.cuda.current_stream(device).wait_stream(stream)
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph.graph, pool=pool, stream=stream):
+                graph.logits = self._forward(graph)
+            pool = graph.graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    def _forward(self, graph: _Graph) -> torch.Tensor:
+        model = self.runner.model
+        with attention_context(graph.metadata()):
+            hidden = model(graph.ids, graph.pos)
+        return model.compute_logits(hidden).float()
+
+    def can_replay(self, step: StepInputs) -> bool:
+        n = len(step.input_ids)
+        return (
+            0 < n <= self.max_batch
+            and not step.prefills
+            and len(step.decode_lens) == n
+            and len(step.logits_rows) == n
+            and max(len(t) for t in step.decode_tables) <= self.width
+        )
+
+    def replay(self, step: StepInputs) -> torch.Tensor:
+        """float32 logits [B, vocab] of a decode-only step that `can_replay`, from its graph."""
+        n = len(step.input_ids)
+        graph = self.graphs[self._size_for[n]]
+        graph.inputs.copy_(torch.tensor(graph.host_inputs(step), dtype=torch.long), non_blocking=True)
+        graph.graph.replay()
+        return graph.logits[:n].clone()
+
+
+def capture_decode_graphs(
+    runner: ModelRunner, max_num_seqs: int, max_model_len: int, batch_sizes: tuple[int, ...] | None = None
+) -> CudaGraphRunner:
+    """Capture the decode step of `runner` for the batch sizes up to `max_num_seqs`; logs what it did."""
+    sizes = [b for b in (batch_sizes or DEFAULT_BATCH_SIZES) if b <= max_num_seqs]
+    if not sizes or sizes[-1] < min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]):
+        sizes.append(min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]))
+    graphs = CudaGraphRunner(runner, sizes, max_model_len)
+    before = torch.cuda.memory_allocated(runner.device)
+    seconds = graphs.capture()
+    logger.info(
+        "CUDA graphs: decode step captured for batch sizes %s (block tables %d wide) in %.1f s, "
+        "%.0f MiB; other steps run eagerly",
+        ",".join(map(str, graphs.batch_sizes)),
+        graphs.width,
+        seconds,
+        (torch.cuda.memory_allocated(runner.device) - before) / (1 << 20),
+    )
+    return graphs

@@ -1,0 +1,1 @@
+"""Tensor parallelism: Megatron weight split, process group, parallel layers, multi-rank runtime."""

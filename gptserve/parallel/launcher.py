@@ -1,0 +1,151 @@
+"""Starts and stops this process's tensor-parallel world.
+
+Two ways in. Launched by `torchrun` (RANK and WORLD_SIZE set), the world is torchrun's: every process
+runs the same command, rank 0 serves and the others run the worker loop. Otherwise rank 0 is this
+process and it spawns the other N-1 ranks on this machine (`torch.multiprocessing`, spawn start method),
+which join over a TCP rendezvous on the loopback interface.
+
+A spawned worker that dies fails the whole group loudly: gloo collectives raise when a peer's socket
+closes, and a watchdog thread on rank 0 reports the worker's exit code and ends the process, which is
+what unblocks rank 0 when it waits in a rendezvous or an NCCL collective that would otherwise hang.
+Shutdown (explicit, or at interpreter exit) broadcasts the stop message, joins the workers and kills
+any that do not leave in time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+
+import torch
+import torch.multiprocessing as mp
+
+from gptserve.errors import GptServeError
+from gptserve.parallel import parallel_state
+
+logger = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 30.0
+
+
+@dataclass
+class TensorParallelWorld:
+    """The running world as rank 0 (or a torchrun worker) sees it."""
+
+    world_size: int
+    rank: int
+    workers: list[BaseProcess] = field(default_factory=list)  # spawned ranks 1..N-1 (rank 0 only)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    def shutdown(self) -> None:
+        """Stop the workers (rank 0 broadcasts the stop message) and leave the process group."""
+        global _world
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.rank == 0:
+            try:
+                parallel_state.broadcast_object(None)
+            except Exception as e:  # a worker already gone: nothing left to tell
+                logger.warning("tensor-parallel shutdown: could not reach every worker (%s)", e)
+        for proc in self.workers:
+            proc.join(JOIN_TIMEOUT_S)
+            if proc.is_alive():
+                logger.error("tensor-parallel worker %s did not exit; killing it", proc.name)
+                proc.kill()
+                proc.join(5)
+        parallel_state.destroy_process_group()
+        _world = None
+
+    def _watch(self) -> None:
+        """Rank 0: end this process loudly when a worker exits before shutdown."""
+        sentinels = {proc.sentinel: proc for proc in self.workers}
+        from multiprocessing.connection import wait
+
+        ready = wait(list(sentinels))
+        if self.stopping.wait(timeout=2.0):  # exits during a shutdown are expected
+            return
+        proc = sentinels[ready[0]]
+        logger.critical(
+            "tensor-parallel worker %s (pid %s) exited with code %s; the tensor-parallel group cannot "
+            "continue, exiting",
+            proc.name,
+            proc.pid,
+            proc.exitcode,
+        )
+        os._exit(1)
+
+
+_world: TensorParallelWorld | None = None
+
+
+def current_world() -> TensorParallelWorld | None:
+    """The world this process is part of, or None when it runs alone."""
+    return _world
+
+
+def start_world(
+    world_size: int, device: torch.device, model: str | None, options: object
+) -> TensorParallelWorld:
+    """Join (torchrun) or create (spawn) a world of `world_size` ranks; `model` and `options` are what a
+    spawned worker needs to build its shard (`worker.worker_main`)."""
+    global _world
+    if _world is not None:
+        raise GptServeError(
+            f"a tensor-parallel group of {_world.world_size} ranks is already running in this process; "
+            "shut it down before building another engine"
+        )
+    if parallel_state.world_size() > 1:  # a spawned worker, joined by `worker.worker_main`
+        _world = TensorParallelWorld(parallel_state.world_size(), parallel_state.rank())
+    elif parallel_state.launched_by_torchrun():
+        env_world = int(os.environ["WORLD_SIZE"])
+        if world_size not in (1, env_world):
+            raise GptServeError(
+                f"--tensor-parallel-size {world_size} disagrees with torchrun's WORLD_SIZE {env_world}"
+            )
+        parallel_state.init_from_torchrun(device.type)
+        _world = TensorParallelWorld(env_world, parallel_state.rank())
+    else:
+        from gptserve.parallel.worker import worker_main
+
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
+        workers = []
+        for rank in range(1, world_size):
+            proc = ctx.Process(
+                target=worker_main,
+                args=(rank, world_size, init_method, model, options),
+                name=f"gptserve-tp-rank{rank}",
+                daemon=True,
+            )
+            proc.start()
+            workers.append(proc)
+        _world = TensorParallelWorld(world_size, 0, workers)
+        threading.Thread(target=_world._watch, name="gptserve-tp-watchdog", daemon=True).start()
+        parallel_state.init_process_group(0, world_size, device.type, init_method)
+    atexit.register(shutdown_world)
+    return _world
+
+
+def shutdown_world() -> None:
+    """Stop this process's tensor-parallel world, if there is one."""
+    if _world is not None:
+        _world.shutdown()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device this rank computes on: `cuda:<local rank>` on CUDA."""
+    if device.type != "cuda" or parallel_state.world_size() == 1:
+        return device
+    return torch.device("cuda", parallel_state.local_rank())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
