@@ -14,6 +14,8 @@ COMMANDS = {
     "bench": "gptserve.commands.bench",
     "serve": "gptserve.commands.serve",
     "convert": "gptserve.commands.convert",
+    "client": "gptserve.commands.client",
+    "chat": "gptserve.commands.chat",
 }
 
 

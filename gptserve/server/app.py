@@ -1,5 +1,5 @@
 """The FastAPI application: wires engines to the OpenAI routes, Triton's KServe v2 routes and gRPC
-service, `/health`, `/metrics` and the API key.
+service, `/health`, `/metrics`, the chat page at `/` and the API key.
 
 `build_app` is the one place that assembles a server. The OpenAI routes serve one engine; the Triton
 front-ends (HTTP routes here, gRPC on its own port, started on the same event loop by the app's lifespan)
@@ -29,6 +29,7 @@ from gptserve.triton.grpc_server import start_grpc_server
 from gptserve.triton.http_routes import build_triton_router
 from gptserve.triton.metrics import TritonMetricsCollector
 from gptserve.triton.registry import ModelRegistry
+from gptserve.web import build_web_router
 
 GRPC_DRAIN_SECONDS = 10.0
 
@@ -147,4 +148,5 @@ def build_app(
 
     app.include_router(build_openai_router(serving, require_api_key))
     app.include_router(build_triton_router(registry, require_api_key))
+    app.include_router(build_web_router())
     return app
