@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -99,9 +98,8 @@ def _use_tokenizer(checkpoint, directory: Path) -> None:
 
 def _progress_bar(hf_config: dict):
     """A tqdm bar over the model's parameters; silent when stderr is no terminal or logging is quiet."""
-    from tqdm import tqdm
-
     from gptserve.config import ModelConfig
+    from gptserve.progress import progress_bar
 
     c = ModelConfig.from_hf(hf_config)
     # Matrices only (biases and norms are a rounding error): enough for a bar, no model to build.
@@ -109,8 +107,7 @@ def _progress_bar(hf_config: dict):
     mlp = (3 if c.architecture == "llama" else 2) * c.hidden_size * c.intermediate_size
     per_layer = c.hidden_size * (2 * q + 2 * kv) + mlp
     total = c.num_layers * per_layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    quiet = not sys.stderr.isatty() or logging.getLogger().getEffectiveLevel() > logging.INFO
-    return tqdm(total=total, unit="param", unit_scale=True, desc="convert", disable=quiet)
+    return progress_bar(total=total, desc="convert", unit="param", unit_scale=True)
 
 
 def _move_into_place(partial: Path, dst: Path) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -22,8 +23,10 @@ from gptserve.parallel import parallel_state
 from gptserve.parallel.launcher import current_world, rank_device, start_world
 from gptserve.parallel.sharding import check_tensor_parallel
 from gptserve.parallel.worker import serve_steps
+from gptserve.progress import progress_bar, progress_quiet
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GiB = 1 << 30
 DEFAULT_CPU_KV_CACHE_BYTES = 1 * GiB
@@ -112,6 +115,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def _counted(items: Iterable[T], tick: Callable[[int], object]) -> Iterator[T]:
+    """`items`, calling `tick(1)` as each one passes (drives a progress bar)."""
+    for item in items:
+        tick(1)
+        yield item
+
+
 def load_model(
     checkpoint: Checkpoint,
     model_config: ModelConfig,
@@ -122,7 +132,10 @@ def load_model(
     """This rank's shard of the model, weights loaded (and quantized when asked), in eval mode."""
     with _default_dtype(dtype), torch.device(device):
         net = model_class(model_config)(model_config)
-    net.load_weights(checkpoint.weights_for_rank(parallel_state.rank(), parallel_state.world_size()))
+    weights = checkpoint.weights_for_rank(parallel_state.rank(), parallel_state.world_size())
+    quiet = progress_quiet() or parallel_state.rank() != 0
+    with progress_bar(desc="loading weights", unit="tensor", disable=quiet) as bar:
+        net.load_weights(_counted(weights, bar.update))
     net.eval()
     quantization = resolve_quantization(opts.quantization, checkpoint.quantization, device, dtype)
     if quantization is not None:
