@@ -15,3 +15,11 @@ class InvalidRequestError(GptServeError, ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class QueueFullError(GptServeError):
+    """The server's queue of waiting requests is full (`--max-queue-len`); the client should retry later."""
+
+
+class RequestTimeoutError(GptServeError):
+    """A request ran longer than `--request-timeout`; it was aborted and its KV blocks freed."""

@@ -155,6 +155,13 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def running_server(flags: list[str], timeout: float) -> Iterator[str]:
     """A `gptserve serve` process on a free loopback port; yields its URL, stops it with SIGTERM."""
+    with running_server_process(flags, timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_server_process(flags: list[str], timeout: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As `running_server`, yielding the URL and the process."""
     port = _free_port()
     cmd = [sys.executable, "-m", "gptserve.cli", "serve", *flags, "--host", "127.0.0.1",
            "--http-port", str(port), "--metrics-port", "0", "--grpc-port", "0"]  # fmt: skip
@@ -173,7 +180,7 @@ def running_server(flags: list[str], timeout: float) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
                 time.sleep(0.5)
-            yield url
+            yield url, process
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -1,5 +1,5 @@
-"""`gptserve bench latency|throughput|serve`: benchmarks that print their figures and, when asked, a
-baseline measured in the same run."""
+"""`gptserve bench latency|throughput|serve|load`: benchmarks that print their figures and, when asked, a
+baseline measured in the same run; `load` is the server's bounded load test (pass or fail)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ MODES = {
     "latency": "gptserve.bench.latency",
     "throughput": "gptserve.bench.throughput",
     "serve": "gptserve.bench.serve",
+    "load": "gptserve.bench.load",
 }
 NEEDS_ENGINE = {"latency", "throughput"}
 
@@ -17,7 +18,7 @@ NEEDS_ENGINE = {"latency", "throughput"}
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from gptserve.cli import add_engine_args
 
-    p = sub.add_parser("bench", help="benchmarks (latency, throughput, serve)")
+    p = sub.add_parser("bench", help="benchmarks (latency, throughput, serve, load)")
     modes = p.add_subparsers(dest="mode", required=True)
     for mode, path in MODES.items():
         try:

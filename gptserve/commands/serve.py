@@ -47,6 +47,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-queue-len", type=int, default=None, help="waiting requests beyond which new ones get 503"
     )
+    p.add_argument(
+        "--max-request-bytes", type=int, default=16 << 20,
+        help="largest request body (HTTP) or message (gRPC); larger ones get 413 / RESOURCE_EXHAUSTED; "
+        "0 = no limit",
+    )  # fmt: skip
+    p.add_argument(
+        "--request-timeout", type=float, default=None, metavar="SECONDS",
+        help="abort a request still running after this many seconds (408 / DEADLINE_EXCEEDED)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+        help="answer CORS requests from these origins ('*' = any); without it no CORS headers are sent",
+    )  # fmt: skip
     p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
 
 
@@ -95,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue_len is not None and args.max_queue_len < 1:
         print("gptserve serve: error: --max-queue-len must be at least 1", file=sys.stderr)
         return 2
+    if args.max_request_bytes < 0:
+        print("gptserve serve: error: --max-request-bytes must be >= 0 (0 = no limit)", file=sys.stderr)
+        return 2
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        print("gptserve serve: error: --request-timeout must be positive", file=sys.stderr)
+        return 2
     options = engine_options(args)
     registry = ModelRegistry(
         [Path(d) for d in args.model_repository], options, explicit=args.model_control_mode == "explicit"
@@ -115,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         model_path=str(args.model) if args.model else None,
         grpc_host=args.host,
         grpc_port=args.grpc_port or None,
+        max_request_bytes=args.max_request_bytes or None,
+        request_timeout=args.request_timeout,
+        allowed_origins=args.allowed_origins or [],
     )
     app = build_app(engine, config, registry)
     async_engine = app.state.async_engine

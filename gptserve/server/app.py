@@ -16,22 +16,27 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 
 from gptserve.engine.builder import EngineOptions
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.server.async_engine import AsyncEngine, EngineDeadError
+from gptserve.server.body_limit import BodySizeLimit
 from gptserve.server.chat_template import ChatTemplate, load_template_source
 from gptserve.server.errors import APIError, error_response, install_error_handlers
 from gptserve.server.metrics import ServerMetrics
 from gptserve.server.openai_routes import build_openai_router
+from gptserve.server.request_log import RequestLogMiddleware
 from gptserve.server.serving import OpenAIServing
 from gptserve.triton.grpc_server import start_grpc_server
 from gptserve.triton.http_routes import build_triton_router
+from gptserve.triton.llm_model import LLMModel
 from gptserve.triton.metrics import TritonMetricsCollector
 from gptserve.triton.registry import ModelRegistry
 from gptserve.web import build_web_router
 
 GRPC_DRAIN_SECONDS = 10.0
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
 
 @dataclass
@@ -45,6 +50,9 @@ class ServerConfig:
     model_path: str | None = None
     grpc_host: str = "127.0.0.1"
     grpc_port: int | None = None  # None = no gRPC service
+    max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES  # None = no limit
+    request_timeout: float | None = None  # seconds; None = none
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
 
 
 def make_api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
@@ -92,6 +100,10 @@ def build_app(
     registry = registry if registry is not None else ModelRegistry([], EngineOptions())
     if owns_engine:
         registry.add_llm(names[0], async_engine)
+    model_engines = [m.engine for m in registry.models() if isinstance(m, LLMModel)]
+    for model_engine in [async_engine, *model_engines]:
+        model_engine.max_queue_len = config.max_queue_len
+        model_engine.request_timeout = config.request_timeout
     metrics = ServerMetrics(names[0], lambda: async_engine.stats)
     metrics.registry.register(TritonMetricsCollector(registry.models))
     async_engine.metrics = metrics
@@ -113,7 +125,7 @@ def build_app(
             await registry.start()
             if config.grpc_port is not None:
                 grpc_server = await start_grpc_server(
-                    registry, config.grpc_host, config.grpc_port, config.api_key
+                    registry, config.grpc_host, config.grpc_port, config.api_key, config.max_request_bytes
                 )
             yield
         finally:
@@ -131,6 +143,13 @@ def build_app(
     app.state.serving = serving
     app.state.require_api_key = require_api_key
     install_error_handlers(app)
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    if config.max_request_bytes:
+        app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(RequestLogMiddleware)  # outermost: logs refusals by the limits too
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> Response:

@@ -23,7 +23,7 @@ from typing import Any
 
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.output_processor import OutputProcessor
-from gptserve.errors import GptServeError, InvalidRequestError
+from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError, RequestTimeoutError
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
 from gptserve.server.metrics import EngineStats, ServerMetrics
@@ -37,11 +37,17 @@ class EngineDeadError(GptServeError):
 
 
 class AsyncEngine:
-    """Serves an `LLMEngine` to coroutines; `start()` on the event loop, `stop()` at shutdown."""
+    """Serves an `LLMEngine` to coroutines; `start()` on the event loop, `stop()` at shutdown.
+
+    `max_queue_len` (waiting requests beyond which `check_capacity` refuses new ones) and
+    `request_timeout` (seconds after which an admitted request is aborted and its stream fails with
+    `RequestTimeoutError`) are the serve flags of the same names; None = no limit."""
 
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.max_queue_len: int | None = None
+        self.request_timeout: float | None = None
         self.stats = EngineStats()  # replaced (never mutated) after every engine iteration
         self.processor = OutputProcessor(engine.tokenizer, engine.eos_token_ids)
         self.dead = False
@@ -81,6 +87,12 @@ class AsyncEngine:
         """Requests not yet running: waiting in the scheduler or not yet admitted."""
         return self.stats.num_waiting + self._num_unadmitted
 
+    def check_capacity(self, num_requests: int) -> None:
+        """Raises `QueueFullError` if `num_requests` more would overflow `max_queue_len`."""
+        limit = self.max_queue_len
+        if limit is not None and self.queue_depth + num_requests > limit:
+            raise QueueFullError(f"the server is at its queue limit ({limit} waiting requests); retry later")
+
     async def add_request(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> RequestStream:
@@ -100,7 +112,25 @@ class AsyncEngine:
         except asyncio.CancelledError:
             self.abort(request_id)  # queued behind the add, so it always finds the request
             raise
+        if self.request_timeout is not None and self._loop is not None:
+            self._loop.call_later(self.request_timeout, self._expire, request_id, stream)
         return stream
+
+    def _expire(self, request_id: str, stream: RequestStream) -> None:
+        """The request outlived `request_timeout`: abort it in the engine and fail its stream."""
+        if self._streams.get(request_id) is not stream:
+            return  # finished or aborted meanwhile
+        del self._streams[request_id]
+        self.processor.drop(request_id)
+        self.abort(request_id)
+        if self.metrics is not None:
+            self.metrics.request_finished("abort")
+        stream.put(
+            RequestTimeoutError(
+                f"the request ran longer than the server's limit of {self.request_timeout:g} seconds "
+                "(--request-timeout) and was aborted"
+            )
+        )
 
     async def generate(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str
@@ -142,6 +172,8 @@ class AsyncEngine:
                 if not stream.admitted.done():
                     stream.admitted.set_exception(error)
                 continue
+            if stream.log_record is not None:
+                stream.log_record.prompt_tokens += stream.num_prompt_tokens
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(stream.num_prompt_tokens)
             if not stream.admitted.done():
@@ -162,10 +194,12 @@ class AsyncEngine:
             stream.put(out)
 
     def _record(self, stream: RequestStream, out: RequestOutput, now: float) -> None:
+        num_new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if stream.log_record is not None:
+            stream.log_record.add_output(num_new, now)
         m = self.metrics
         if m is None:
             return
-        num_new = sum(len(c.delta_token_ids) for c in out.outputs)
         if num_new:
             m.generation_tokens.inc(num_new)
             if stream.first_token_time is None:

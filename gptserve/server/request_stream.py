@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from gptserve.outputs import RequestOutput
+from gptserve.server.request_log import RequestRecord, current_record
 
 
 def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
@@ -39,6 +40,7 @@ class RequestStream:
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.log_record: RequestRecord | None = current_record()  # the HTTP/gRPC request it serves
 
     @property
     def finished(self) -> bool:

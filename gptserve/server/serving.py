@@ -1,5 +1,6 @@
 """`OpenAIServing`: what every OpenAI route shares — the served model names, the chat template, token
-text, and admitting a request's prompts to the engine (with the queue limit)."""
+text, and admitting a request's prompts to the engine (with the queue limit), plus the HTTP forms of the
+engine's own failures."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from gptserve.errors import InvalidRequestError
+from gptserve.errors import InvalidRequestError, QueueFullError, RequestTimeoutError
 from gptserve.sampling_params import SamplingParams
 from gptserve.server.async_engine import AsyncEngine, EngineDeadError
 from gptserve.server.chat_template import ChatTemplate, message_dicts
@@ -15,6 +16,15 @@ from gptserve.server.errors import APIError, from_invalid_request
 from gptserve.server.openai_format import TokenText
 from gptserve.server.request_stream import RequestStream
 from gptserve.server.streaming import abort_all
+
+
+def queue_full(error: QueueFullError) -> APIError:
+    """503 with `Retry-After`, as for every overloaded route."""
+    return APIError(503, str(error), code="queue_full", headers={"Retry-After": "1"})
+
+
+def timed_out(error: RequestTimeoutError) -> APIError:
+    return APIError(408, str(error), code="request_timeout")
 
 
 class OpenAIServing:
@@ -29,7 +39,8 @@ class OpenAIServing:
         self.engine = engine
         self.served_model_names = list(served_model_names)
         self.chat_template = chat_template
-        self.max_queue_len = max_queue_len
+        if max_queue_len is not None:
+            engine.max_queue_len = max_queue_len
         self.model_path = model_path
         self.max_model_len = engine.engine.max_model_len
         self.tokenizer = engine.engine.tokenizer
@@ -72,11 +83,10 @@ class OpenAIServing:
         engine = self.engine
         if engine.dead:
             raise APIError(503, "the engine has stopped; the server is shutting down")
-        if self.max_queue_len is not None and engine.queue_depth + len(prompts) > self.max_queue_len:
-            raise APIError(
-                503, f"the server is at its queue limit ({self.max_queue_len} waiting requests); retry later",
-                code="queue_full", headers={"Retry-After": "1"},
-            )  # fmt: skip
+        try:
+            engine.check_capacity(len(prompts))
+        except QueueFullError as e:
+            raise queue_full(e) from None
         results = await asyncio.gather(
             *(
                 engine.add_request(f"{request_id}-{i}", p, sp)

@@ -11,13 +11,14 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from gptserve.errors import RequestTimeoutError
 from gptserve.server.async_engine import EngineDeadError
 from gptserve.server.errors import APIError, bad_request
 from gptserve.server.openai_format import chat_logprobs, usage
 from gptserve.server.openai_params import build_sampling_params, fit_to_context
 from gptserve.server.openai_protocol import ChatCompletionRequest
 from gptserve.server.request_stream import RequestStream
-from gptserve.server.serving import OpenAIServing
+from gptserve.server.serving import OpenAIServing, timed_out
 from gptserve.server.streaming import (
     DONE,
     abort_all,
@@ -91,6 +92,8 @@ async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
         (out,) = await final_outputs([job.stream])
     except EngineDeadError as e:
         raise APIError(503, str(e)) from None
+    except RequestTimeoutError as e:
+        raise timed_out(e) from None
     choices = []
     for c in out.outputs:
         logprobs = (
@@ -133,6 +136,9 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
         yield sse_error(e.status, e.message, e.code)
     except EngineDeadError as e:
         yield sse_error(503, str(e))
+    except RequestTimeoutError as e:
+        err = timed_out(e)
+        yield sse_error(err.status, err.message, err.code)
     finally:
         abort_all([job.stream])
     yield DONE

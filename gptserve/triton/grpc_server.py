@@ -23,7 +23,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from gptserve.errors import GptServeError, InvalidRequestError
+from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError
+from gptserve.server.request_log import log_call
 from gptserve.triton.grpc_codec import (
     decode_request,
     encode_response,
@@ -77,6 +78,8 @@ def as_triton_error(error: Exception) -> TritonError:
         return error
     if isinstance(error, InvalidRequestError):
         return TritonError(str(error), 400)
+    if isinstance(error, QueueFullError):
+        return TritonError(str(error), 429)  # RESOURCE_EXHAUSTED: retry later
     if isinstance(error, GptServeError):
         return TritonError(str(error), 503)
     logger.exception("gRPC call failed", exc_info=error)
@@ -84,20 +87,26 @@ def as_triton_error(error: Exception) -> TritonError:
 
 
 def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Unary handler: API-key check (except health calls), then `TritonError`s become statuses."""
+    """Unary handler: API-key check and a request log line (except health calls), then `TritonError`s
+    become statuses."""
     public = method.__name__ in PUBLIC_METHODS
 
     @functools.wraps(method)
     async def handler(self: TritonGrpcServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if not public:
-                self.authorize(context)
+        if public:
             return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            error = as_triton_error(e)
-            await context.abort(status_code(error.status), error.message)
+        with log_call(f"gRPC {method.__name__}", getattr(request, "id", None) or None) as record:
+            try:
+                self.authorize(context)
+                response = await method(self, request, context)
+                record.status = grpc.StatusCode.OK.name
+                return response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                error = as_triton_error(e)
+                record.status = status_code(error.status).name
+                await context.abort(status_code(error.status), error.message)
 
     return handler
 
@@ -269,6 +278,12 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, msg: pb.ModelInferRequest, emit: Callable[[pb.ModelStreamInferResponse], None]
     ) -> None:
         """One request on a stream: every response it yields, the last flagged `triton_final_response`."""
+        with log_call("gRPC ModelStreamInfer", msg.id or None) as record:
+            await self._serve_logged_stream_request(msg, emit, record)
+
+    async def _serve_logged_stream_request(
+        self, msg: pb.ModelInferRequest, emit: Callable[[pb.ModelStreamInferResponse], None], record: Any
+    ) -> None:
         request = InferRequest(model_name=msg.model_name, model_version=msg.model_version, id=msg.id)
         try:
             model = serving_model(self.registry, msg.model_name, msg.model_version)
@@ -287,10 +302,14 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if not final_sent:
                 empty = InferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
                 emit(stream_response(empty, request.outputs, final=True))
+            record.status = grpc.StatusCode.OK.name
         except asyncio.CancelledError:
+            record.status = grpc.StatusCode.CANCELLED.name
             raise
         except Exception as e:
-            emit(stream_error(as_triton_error(e).message, request))
+            error = as_triton_error(e)
+            record.status = status_code(error.status).name
+            emit(stream_error(error.message, request))
 
     # ------------------------------------------------------------------ shared memory, trace, log
     async def SystemSharedMemoryStatus(
@@ -401,13 +420,16 @@ async def _add_health_service(server: grpc.aio.Server, registry: Any) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 
 
-async def start_grpc_server(registry: Any, host: str, port: int, api_key: str | None) -> grpc.aio.Server:
+async def start_grpc_server(
+    registry: Any, host: str, port: int, api_key: str | None, max_request_bytes: int | None = None
+) -> grpc.aio.Server:
     """Start Triton's gRPC service on `host:port` on the running event loop; `await server.stop(grace)`
-    ends it. Messages have no size limit, as in Triton (LLM tensors can be large). Raises
-    `RuntimeError` when the address cannot be bound."""
+    ends it. Requests larger than `max_request_bytes` are refused with RESOURCE_EXHAUSTED (None = no
+    limit, as in Triton); responses have no size limit. Raises `RuntimeError` when the address cannot
+    be bound."""
     options = [
         ("grpc.max_send_message_length", -1),
-        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_receive_message_length", max_request_bytes or -1),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
     ]
     server = grpc.aio.server(options=options)

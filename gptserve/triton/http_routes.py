@@ -2,9 +2,10 @@
 repository, every error in Triton's body `{"error": "<message>"}`.
 
 Status codes follow Triton: 400 for bad requests, 401 for a missing or wrong API key, 404 for unknown
-models and routes, 501 for extensions gptserve does not implement (shared memory, trace, logging),
-503 while not ready, 500 for server faults. Every route except `/v2/health/*` needs the API key. A client
-that goes away cancels its model coroutine, which aborts its engine requests.
+models and routes, 408 for a request over `--request-timeout`, 413 for a body over `--max-request-bytes`,
+501 for extensions gptserve does not implement (shared memory, trace, logging), 503 while not ready or
+at the queue limit (with `Retry-After`), 500 for server faults. Every route except `/v2/health/*` needs
+the API key. A client that goes away cancels its model coroutine, which aborts its engine requests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptserve.errors import InvalidRequestError
+from gptserve.errors import InvalidRequestError, QueueFullError
 from gptserve.server.async_engine import EngineDeadError
 from gptserve.server.errors import APIError
 from gptserve.server.streaming import cancel_on_disconnect
@@ -74,6 +75,8 @@ class TritonRoute(APIRoute):
                 return triton_error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
             except EngineDeadError as e:
                 return triton_error_response(503, str(e))
+            except QueueFullError as e:
+                return triton_error_response(503, str(e), {"Retry-After": "1"})
             except Exception as e:
                 logger.exception("internal error on %s %s", request.method, request.url.path)
                 return triton_error_response(500, f"internal server error: {type(e).__name__}: {e}")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from gptserve.errors import GptServeError, InvalidRequestError
+from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError, RequestTimeoutError
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
 from gptserve.triton import ft_tensors as ft
@@ -175,6 +175,19 @@ class LLMModel(TritonModel):
         token_request = ft.parse_token_request(inputs, self.eos_token_ids, self.default_end_id, extra)
         return _Job(token_request.prompts, token_request.params, token_request=token_request)
 
+    def _check_context(self, job: _Job, request: InferRequest) -> None:
+        """Refuse a row whose prompt plus requested output exceeds the model's context, as the OpenAI
+        routes do; the token form's output tensors are sized by the requested length."""
+        limit = self.engine.engine.max_model_len
+        name = "request_output_len" if "request_output_len" in request.inputs else "max_tokens"
+        for row, (prompt, params) in enumerate(zip(job.prompts, job.params)):
+            wanted = len(prompt) + (params.max_tokens or 0)
+            if wanted > limit:
+                raise TritonError(
+                    f"input '{name}' row {row}: {len(prompt)} prompt tokens + {params.max_tokens} requested "
+                    f"exceed the model's context of {limit} tokens (max_model_len)"
+                )
+
     def _parse_text(self, request: InferRequest, extra: dict[str, Any]) -> _Job:
         texts = np.asarray(request.inputs["text_input"])
         flat = texts.reshape(-1) if texts.ndim <= 1 or texts.shape[-1] == 1 else None
@@ -201,6 +214,7 @@ class LLMModel(TritonModel):
         try:
             check_request(self, request, shapes=False)
             job = self._parse(request)
+            self._check_context(job, request)
             rows = len(job.prompts)
             streams = await self._submit(job, request.id)
             self.stats.queue.add(time.monotonic_ns() - start)
@@ -220,7 +234,15 @@ class LLMModel(TritonModel):
                         texts = [{} for _ in job.prompts]
             ok = True
         except InvalidRequestError as e:
-            raise TritonError(str(e)) from e
+            message = str(e)
+            if e.param == "prompt":  # the engine's name for it; the client sent a tensor
+                tensor = "input_ids" if "input_ids" in request.inputs else "text_input"
+                message = f"input '{tensor}': {message}"
+            raise TritonError(message) from e
+        except QueueFullError:
+            raise  # each protocol has its own overload answer (HTTP 503 + Retry-After, RESOURCE_EXHAUSTED)
+        except RequestTimeoutError as e:
+            raise TritonError(str(e), 408) from e
         except GptServeError as e:  # the engine stopped or failed (`EngineDeadError`)
             raise TritonError(str(e), 503) from e
         finally:
@@ -228,6 +250,7 @@ class LLMModel(TritonModel):
 
     async def _submit(self, job: _Job, request_id: str) -> list[RequestStream]:
         """Queue every row at once; on any refusal or cancellation none stays in the engine."""
+        self.engine.check_capacity(len(job.prompts))
         base = f"triton-{request_id or 'r'}-{uuid.uuid4().hex[:12]}"
         tasks = [
             asyncio.ensure_future(self.engine.add_request(f"{base}-{i}", prompt, params))
