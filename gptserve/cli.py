@@ -29,7 +29,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--kv-cache-memory", default=None, help="KV cache budget: bytes, or e.g. 2GiB")
+    parser.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache budget: bytes, or e.g. 2GiB (default: 1GiB on CPU; on CUDA what the GPU has left)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: the fraction of the GPU's memory this process may use; the KV cache gets what the "
+        "weights and activations leave (ignored when --kv-cache-memory is given)",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -54,6 +65,7 @@ def engine_options(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -10,6 +10,7 @@ from gptserve.engine.builder import EngineOptions, build_engine
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.outputs import RequestOutput
 from gptserve.parallel.launcher import shutdown_world
+from gptserve.progress import progress_bar
 from gptserve.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -36,8 +37,10 @@ class LLM:
         return llm
 
     def close(self) -> None:
-        """Stop this process's tensor-parallel workers, if any (also done at interpreter exit)."""
+        """Stop this process's tensor-parallel workers, if any (also done at interpreter exit), and give
+        the KV cache back; the LLM cannot generate afterwards."""
         shutdown_world()
+        self.engine.runner.release()
 
     @property
     def tokenizer(self):
@@ -47,10 +50,12 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one finished `RequestOutput` per prompt, in order.
 
         A prompt is a string or a list of token ids; `sampling_params` is one for all or one per prompt.
+        `use_tqdm` shows a progress bar over finished requests (see `gptserve.progress`).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -65,10 +70,13 @@ class LLM:
                 self.engine.add_request(request_id, prompt, p)
                 ids.append(request_id)
             results: dict[str, RequestOutput] = {}
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
+            bar_options = {} if use_tqdm else {"disable": True}
+            with progress_bar(len(ids), "generate", "req", **bar_options) as bar:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
         except BaseException:
             for request_id in ids:
                 self.engine.abort_request(request_id)

@@ -57,7 +57,21 @@ def step_mix(engine, num_prompts: int) -> list[tuple[str, str]]:
             kind = "eager decode"
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = run(step)
+        if kind == "eager with prefill" and len(spent.get(kind, [])) == 2:  # the third: profiled
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
+                out = run(step)
+                torch.cuda.synchronize()
+            tokens = len(step.input_ids)
+            print(f"one eager step with prefill chunks: {tokens} tokens, {len(step.prefills)} chunks")
+            print(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+            )
+            start = time.perf_counter()
+            out = run(step)  # timed without the profiler (re-running a step rewrites the same cache slots)
+        else:
+            out = run(step)
         torch.cuda.synchronize()
         spent.setdefault(kind, []).append(time.perf_counter() - start)
         return out
@@ -87,10 +101,18 @@ def main() -> None:
     parser.add_argument("--random-weights", default="gptj-6b")
     parser.add_argument("--batch-sizes", default="1,64,256")
     parser.add_argument("--context-len", type=int, default=192)
-    parser.add_argument("--kv-cache-memory", default="16GiB")
+    parser.add_argument("--kv-cache-memory", default=None, help="default: what the GPU has left")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--mix-prompts", type=int, default=512, help="prompts of the step-mix workload")
     args = parser.parse_args()
-    opts = EngineOptions(device="cuda", dtype="fp16", kv_cache_memory=args.kv_cache_memory)
+    opts = EngineOptions(
+        device="cuda",
+        dtype="fp16",
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     checkpoint = random_checkpoint(args.random_weights, "cuda", torch.float16)
     engine = build_engine(f"random:{args.random_weights}", opts, checkpoint=checkpoint)
     runner = engine.runner

@@ -65,3 +65,9 @@ def hf_generate_time(
     )
     _sync(device)
     return time.perf_counter() - start
+
+
+def release_engine_memory(llm) -> None:
+    """Give the engine's KV cache and CUDA graphs back before a baseline model loads beside it (the
+    weights stay: the random-weight baseline shares them)."""
+    llm.engine.runner.release()

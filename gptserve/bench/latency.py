@@ -8,11 +8,12 @@ import time
 from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
-from gptserve.bench.hf_baseline import baseline_model, hf_generate_time
+from gptserve.bench.hf_baseline import baseline_model, hf_generate_time, release_engine_memory
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import median, random_prompts
 from gptserve.config import parse_dtype
 from gptserve.llm import LLM
+from gptserve.progress import progress_bar
 from gptserve.sampling_params import SamplingParams
 
 
@@ -54,7 +55,11 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
         args.repeats + 1, args.input_len, args.input_len, llm.engine.model_config.vocab_size
     )
     measure_request(llm, prompts[-1], 8)  # warm-up
-    runs = [measure_request(llm, prompt, args.output_len) for prompt in prompts[: args.repeats]]
+    runs = []
+    with progress_bar(args.repeats, "latency", "run") as bar:
+        for prompt in prompts[: args.repeats]:
+            runs.append(measure_request(llm, prompt, args.output_len))
+            bar.update(1)
     ttft = median([r[0] for r in runs])
     step = median([r[1] for r in runs])
     total = ttft + step * (args.output_len - 1)
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
         ("achieved bandwidth", f"{gb(achieved)} = {achieved / bandwidth:.0%} of copy bandwidth"),
     ]  # fmt: skip
     if args.baseline == "hf":
+        release_engine_memory(llm)
         prompt = prompts[0]
         for name in args.baseline_dtypes.split(","):
             net = baseline_model(args, parse_dtype(name.strip()), device)

@@ -35,6 +35,7 @@ import httpx
 
 from gptserve.bench.report import write_json
 from gptserve.bench.workload import percentile, random_prompts
+from gptserve.progress import progress_bar
 
 TINY_LLAMA = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -159,7 +160,8 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 async def drive(url: str, pid: int, jobs: list[Job], concurrency: int, warmup: int) -> LoadReport:
-    """Send `jobs` with at most `concurrency` in flight, sampling the server's RSS as they complete."""
+    """Send `jobs` with at most `concurrency` in flight, sampling the server's RSS as they complete (and
+    counting them on a progress bar)."""
     outcomes: list[Outcome] = []
     samples: list[tuple[int, int]] = []
     queue: asyncio.Queue[Job] = asyncio.Queue()
@@ -167,21 +169,23 @@ async def drive(url: str, pid: int, jobs: list[Job], concurrency: int, warmup: i
         queue.put_nowait(job)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        with progress_bar(len(jobs), "load", "req") as bar:
 
-        async def worker() -> None:
-            while not queue.empty():
-                outcomes.append(await _send(http, queue.get_nowait()))
+            async def worker() -> None:
+                while not queue.empty():
+                    outcomes.append(await _send(http, queue.get_nowait()))
+                    bar.update(1)
 
-        async def sampler() -> None:
-            while True:
-                samples.append((len(outcomes), rss_bytes(pid)))
-                await asyncio.sleep(0.25)
+            async def sampler() -> None:
+                while True:
+                    samples.append((len(outcomes), rss_bytes(pid)))
+                    await asyncio.sleep(0.25)
 
-        watch = asyncio.create_task(sampler())
-        start = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.monotonic() - start
-        watch.cancel()
+            watch = asyncio.create_task(sampler())
+            start = time.monotonic()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.monotonic() - start
+            watch.cancel()
         samples.append((len(outcomes), rss_bytes(pid)))
         deadline = time.monotonic() + 30
         while True:  # aborted requests are freed by the engine's next iteration
@@ -211,7 +215,7 @@ def references(model: str, options: Any, prompts: list[list[int]], lens: list[in
 
     llm = LLM(model, **vars(options))
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lens]
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=True)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 

@@ -32,6 +32,7 @@ import httpx
 
 from gptserve.bench.report import print_table, write_json
 from gptserve.bench.workload import percentile, random_prompts
+from gptserve.progress import progress_bar
 from gptserve.sampling_params import SamplingParams
 
 
@@ -90,8 +91,11 @@ async def _one_request(http: httpx.AsyncClient, url: str, body: dict[str, Any]) 
     return RequestResult((first or end) - start, end - start, tokens, gaps)
 
 
-async def drive(url: str, prompts: list[list[int]], concurrency: int, output_len: int) -> dict[str, Any]:
-    """Send every prompt with at most `concurrency` streams open; latency percentiles and throughput."""
+async def drive(
+    url: str, prompts: list[list[int]], concurrency: int, output_len: int, desc: str | None = None
+) -> dict[str, Any]:
+    """Send every prompt with at most `concurrency` streams open; latency percentiles and throughput.
+    With `desc`, a progress bar so labelled counts the completed requests."""
     body = {"prompt": None, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     queue: asyncio.Queue[list[int]] = asyncio.Queue()
@@ -99,16 +103,19 @@ async def drive(url: str, prompts: list[list[int]], concurrency: int, output_len
         queue.put_nowait(p)
     results: list[RequestResult] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as http:
+    bar_options = {} if desc else {"disable": True}
+    with progress_bar(len(prompts), desc, "req", **bar_options) as bar:
+        async with httpx.AsyncClient(timeout=None, limits=limits) as http:
 
-        async def worker() -> None:
-            while not queue.empty():
-                prompt = queue.get_nowait()
-                results.append(await _one_request(http, url, {**body, "prompt": prompt}))
+            async def worker() -> None:
+                while not queue.empty():
+                    prompt = queue.get_nowait()
+                    results.append(await _one_request(http, url, {**body, "prompt": prompt}))
+                    bar.update(1)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall = time.perf_counter() - start
     tokens = sum(r.output_tokens for r in results)
     gaps = [g for r in results for g in r.chunk_gaps]
     tpots = [t for r in results if (t := r.tpot) is not None]
@@ -202,7 +209,7 @@ def offline_baseline(args: argparse.Namespace, prompts: list[list[int]], max_seq
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     run_offline(llm, prompts[:2], warm)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    result = run_offline(llm, prompts, params)
+    result = run_offline(llm, prompts, params, progress=True)
     del llm
     gc.collect()
     return result
@@ -229,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
     with running_server(engine_flags(args), args.startup_timeout) as url:
         asyncio.run(drive(url, prompts[:2], 2, 4))  # warm-up
         for c in levels:
-            results["levels"].append(asyncio.run(drive(url, prompts[: per_level[c]], c, args.output_len)))
+            level = drive(url, prompts[: per_level[c]], c, args.output_len, desc=f"serve c={c}")
+            results["levels"].append(asyncio.run(level))
     # Other processes on the machine skew every figure here; the load average says whether there were any.
     results["load_average_after"] = os.getloadavg()[0]
     rows = [

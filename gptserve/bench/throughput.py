@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
-from gptserve.bench.hf_baseline import baseline_model, hf_generate_time
+from gptserve.bench.hf_baseline import baseline_model, hf_generate_time, release_engine_memory
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import random_prompts
 from gptserve.config import parse_dtype
@@ -34,10 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this file")
 
 
-def run_offline(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict[str, Any]:
-    """Generate for every prompt at once through the engine; time and count the output tokens."""
+def run_offline(
+    llm: LLM, prompts: list[list[int]], params: SamplingParams, progress: bool = False
+) -> dict[str, Any]:
+    """Generate for every prompt at once through the engine; time and count the output tokens.
+    `progress` shows a bar over finished requests."""
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
     elapsed = time.perf_counter() - start
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     warm = random_prompts(2, args.min_input_len, args.max_input_len, vocab, seed=1)
     run_offline(llm, warm, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
-    ours = run_offline(llm, prompts, params)
+    ours = run_offline(llm, prompts, params, progress=True)
     bandwidth = copy_bandwidth(device)
     flops = matmul_rate(device, llm.engine.config.dtype)
     floor = roofline(llm, prompts, args.output_len, bandwidth, flops)
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
                      f"{ours['output_tokens_per_s'] / ours['roofline_output_tokens_per_s']:.0%} of roofline"),
     ]  # fmt: skip
     if args.baseline == "hf":
+        release_engine_memory(llm)
         hf_prompts = prompts[: args.baseline_num_prompts or len(prompts)]
         batch = args.baseline_batch or len(hf_prompts)
         for name in args.baseline_dtypes.split(","):

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 from torch import nn
 
 from gptserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from gptserve.engine.kv_budget import (
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    gpu_kv_budget,
+)
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from gptserve.errors import GptServeError
@@ -20,7 +26,7 @@ from gptserve.layers.quantized_linear import quantize_linears
 from gptserve.loading.checkpoint import Checkpoint, load_checkpoint
 from gptserve.models.registry import model_class
 from gptserve.parallel import parallel_state
-from gptserve.parallel.launcher import current_world, rank_device, start_world
+from gptserve.parallel.launcher import TensorParallelWorld, current_world, rank_device, start_world
 from gptserve.parallel.sharding import check_tensor_parallel
 from gptserve.parallel.worker import serve_steps
 from gptserve.progress import progress_bar, progress_quiet
@@ -29,7 +35,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GiB = 1 << 30
-DEFAULT_CPU_KV_CACHE_BYTES = 1 * GiB
 
 
 @dataclass
@@ -41,7 +46,8 @@ class EngineOptions:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    kv_cache_memory: int | float | str | None = None
+    kv_cache_memory: int | float | str | None = None  # None: 1 GiB on CPU, what the GPU has left on CUDA
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: the card's share this process uses
     block_size: int = 16
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None
@@ -178,26 +184,77 @@ def build_engine(
     try:
         net = load_model(checkpoint, model_config, device, dtype, opts)
         if parallel_state.rank() != 0:
-            serve_steps(ModelRunner(net, model_config, *_received_cache_shape(), device, dtype))
-            raise SystemExit(0)
+            _serve_worker(net, model_config, device, dtype)
+    except BaseException:
+        if world is not None:
+            world.shutdown()
+        raise
+    if parallel_state.rank() != 0:
+        _leave_as_worker(world, device)
+    try:
         engine = _engine(model, opts, checkpoint, model_config, net, device, dtype)
+        # Under tensor parallelism the graphs capture the all-reduces too and replay correctly, but NCCL's
+        # teardown after such a capture does not finish yet: tensor-parallel engines stay eager.
+        graphs = device.type == "cuda" and not opts.enforce_eager and parallel_state.world_size() == 1
+        layout = _RunnerLayout(
+            engine.config.cache.num_blocks,
+            engine.config.cache.block_size,
+            engine.config.scheduler.max_model_len,
+            opts.max_num_seqs if graphs else None,
+        )
+        if world is not None:  # the workers size their caches and capture their graphs alongside
+            parallel_state.broadcast_object(layout)
+        if layout.graph_max_num_seqs is not None:
+            from gptserve.engine.cuda_graphs import capture_decode_graphs
+
+            engine.runner.cuda_graphs = capture_decode_graphs(
+                engine.runner, layout.graph_max_num_seqs, layout.max_model_len
+            )
     except BaseException:
         if world is not None:
             world.shutdown()
         raise
     if world is not None:
-        parallel_state.broadcast_object((engine.config.cache.num_blocks, engine.config.cache.block_size))
         engine.runner.publish = parallel_state.broadcast_object
         logger.info("tensor parallel: %d ranks, this process is rank 0", world.world_size)
     return engine
 
 
-def _received_cache_shape() -> tuple[int, int]:
-    """A worker's (num_blocks, block_size), as rank 0 sized them; exits quietly when rank 0 gave up."""
-    shape = parallel_state.broadcast_object()
-    if shape is None:
-        raise SystemExit(0)
-    return shape
+def _leave_as_worker(world: TensorParallelWorld | None, device: torch.device) -> NoReturn:
+    """A rank other than 0 after rank 0's stop message. On CUDA the process ends at once: NCCL's
+    teardown can wait for peers that are leaving too, and the driver reclaims everything anyway."""
+    if device.type == "cuda":
+        logging.shutdown()
+        os._exit(0)
+    if world is not None:
+        world.shutdown()
+    raise SystemExit(0)
+
+
+@dataclass
+class _RunnerLayout:
+    """What rank 0 decided that every rank's model runner must match."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    graph_max_num_seqs: int | None  # CUDA graphs captured up to this batch; None: eager
+
+
+def _serve_worker(
+    net: nn.Module, model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> None:
+    """A rank other than 0: take rank 0's cache layout, capture the same graphs (their collectives meet
+    rank 0's), then run its steps. Returns quietly when rank 0 gave up before sending the layout."""
+    layout = parallel_state.broadcast_object()
+    if layout is None:
+        return
+    runner = ModelRunner(net, model_config, layout.num_blocks, layout.block_size, device, dtype)
+    if layout.graph_max_num_seqs is not None:
+        from gptserve.engine.cuda_graphs import capture_decode_graphs
+
+        runner.cuda_graphs = capture_decode_graphs(runner, layout.graph_max_num_seqs, layout.max_model_len)
+    serve_steps(runner)
 
 
 def _engine(
@@ -220,13 +277,29 @@ def _engine(
     if opts.num_kv_blocks is not None:
         num_blocks = opts.num_kv_blocks
     else:
-        budget = parse_bytes(opts.kv_cache_memory) or DEFAULT_CPU_KV_CACHE_BYTES
-        num_blocks = budget // block_bytes
+        budget = parse_bytes(opts.kv_cache_memory)
+        if budget is None and device.type == "cuda":
+            budget = gpu_kv_budget(
+                device,
+                model_config,
+                dtype,
+                opts.max_num_batched_tokens,
+                opts.max_num_seqs,
+                parallel_state.world_size(),
+                opts.gpu_memory_utilization,
+            )
+            # No more than every sequence at its longest needs: a small model keeps a small cache.
+            most = opts.max_num_seqs * -(-max_model_len // opts.block_size) * block_bytes
+            if budget > most:
+                logger.info("KV cache capped at %.2f GiB: max_num_seqs x max_model_len", most / GiB)
+                budget = most
+        num_blocks = (DEFAULT_CPU_KV_CACHE_BYTES if budget is None else budget) // block_bytes
     capacity = num_blocks * opts.block_size
     if capacity < max_model_len and opts.num_kv_blocks is None:
         raise GptServeError(
             f"the KV cache holds {capacity} tokens ({num_blocks * block_bytes / GiB:.2f} GiB) but "
-            f"max_model_len is {max_model_len}: raise --kv-cache-memory or lower --max-model-len"
+            f"max_model_len is {max_model_len}: raise --kv-cache-memory (or --gpu-memory-utilization) "
+            "or lower --max-model-len"
         )
     config = EngineConfig(
         model=model_config,
@@ -253,10 +326,6 @@ def _engine(
     if tokenizer is not None and checkpoint.chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = checkpoint.chat_template
     engine = LLMEngine(config, net, tokenizer, num_blocks)
-    if device.type == "cuda" and not opts.enforce_eager and parallel_state.world_size() == 1:
-        from gptserve.engine.cuda_graphs import capture_decode_graphs
-
-        engine.runner.cuda_graphs = capture_decode_graphs(engine.runner, opts.max_num_seqs, max_model_len)
     engine.chat_template = checkpoint.chat_template
     engine.model_name = str(model) if model else "SmolLM2-135M-Instruct"
     return engine

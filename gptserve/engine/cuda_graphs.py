@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch size of a bounded set.
+"""Decode steps, and single fresh prompts, replayed from CUDA graphs, one graph per size of a bounded set.
 
 A decode-only step of B sequences runs the graph of the smallest captured size >= B. Every input the
 graph reads sits in one static int64 device buffer per size (token ids, positions, cache slots, context
@@ -7,7 +7,14 @@ a padding row has token 0 at position 0, cache slot -1 (the KV write skips it) a
 (the attention kernel writes zeros), and its logits are dropped. Block tables are as wide as the
 longest sequence allowed (`max_model_len`), so one graph serves every context length.
 
-Steps that hold a prefill chunk, or more sequences than the largest graph, run eagerly as before.
+In half precision a step that is one whole prompt (or a prompt's first chunk) with nothing cached before
+it and nothing else scheduled, the usual first step of a lone request, replays a prefill graph of the
+smallest captured token count that holds it: the prompt is the first sequence of a FlashAttention
+varlen call and the padding tokens a second one (cache slot -1), so they never mix. This takes the
+per-kernel launch cost out of the time to first token.
+
+Other steps (mixed prefill and decode, several prompts, a cached prefix, more sequences than the largest
+graph) run eagerly.
 """
 
 from __future__ import annotations
@@ -18,14 +25,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gptserve.layers.attention import AttentionMetadata, attention_context
+from gptserve.layers.attention import AttentionMetadata, VarlenPrefill, attention_context
+from gptserve.parallel import parallel_state
 
 if TYPE_CHECKING:
     from gptserve.engine.model_runner import ModelRunner, StepInputs
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+PREFILL_TOKEN_COUNTS = (32, 64, 128, 256, 512)
 
 
 class _Graph:
@@ -61,14 +70,56 @@ class _Graph:
         return flat
 
 
+class _PrefillGraph:
+    """One captured prefill step of up to `tokens` tokens of one fresh sequence."""
+
+    def __init__(self, tokens: int, device: torch.device):
+        self.tokens = tokens
+        # ids, positions, slots, then [prompt length, logits row]
+        self.inputs = torch.zeros(3 * tokens + 2, dtype=torch.long, device=device)
+        self.ids, self.pos, self.slots, self.length, self.row = self.inputs.split(
+            [tokens, tokens, tokens, 1, 1]
+        )
+        self.cu = torch.tensor([0, tokens, tokens], dtype=torch.int32, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits: torch.Tensor | None = None
+
+    def metadata(self) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=self.slots, num_decode_tokens=0)
+        meta.derived[("varlen",)] = VarlenPrefill(self.cu, self.cu, self.tokens, self.tokens, None)
+        return meta
+
+    def host_inputs(self, step: StepInputs) -> list[int]:
+        n = len(step.input_ids)
+        pad = self.tokens - n
+        return (
+            step.input_ids
+            + [0] * pad
+            + step.positions
+            + [0] * pad
+            + step.slot_mapping
+            + [-1] * pad
+            + [n, n - 1]
+        )
+
+
 class CudaGraphRunner:
     """Captures the model's decode step for each batch size and replays it for matching steps."""
 
-    def __init__(self, runner: ModelRunner, batch_sizes: list[int], max_model_len: int):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        batch_sizes: list[int],
+        max_model_len: int,
+        prefill_sizes: tuple[int, ...] = (),
+    ):
         self.runner = runner
         self.width = -(-max_model_len // runner.block_size)
         self.batch_sizes = sorted(set(batch_sizes))
         self.graphs: dict[int, _Graph] = {}
+        self.prefill_graphs: dict[int, _PrefillGraph] = {}
+        self.prefill_sizes = list(prefill_sizes)
+        self.replays = {"decode": 0, "prefill": 0}  # steps served from graphs, by kind
         # Smallest captured size holding b sequences, for every b up to the largest.
         self._size_for = [0] * (self.batch_sizes[-1] + 1)
         size = 0
@@ -88,6 +139,9 @@ class CudaGraphRunner:
         device = self.runner.device
         pool = None
         stream = torch.cuda.Stream(device)
+        # Under tensor parallelism the communication library's watchdog thread queries CUDA events while
+        # this thread captures; only this thread's calls must keep off the capture.
+        mode = "thread_local" if parallel_state.world_size() > 1 else "global"
         for batch in reversed(self.batch_sizes):
             graph = _Graph(batch, self.width, device)
             graph.lens.fill_(1)  # warm-up and capture attend to one cached token (block 0)
@@ -96,10 +150,23 @@ class CudaGraphRunner:
                 self._forward(graph)  # compiles the kernels and sets up cuBLAS outside the capture
             torch.cuda.current_stream(device).wait_stream(stream)
             torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph.graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph.graph, pool=pool, stream=stream, capture_error_mode=mode):
                 graph.logits = self._forward(graph)
             pool = graph.graph.pool()
             self.graphs[batch] = graph
+        for tokens in reversed(self.prefill_sizes):
+            graph = _PrefillGraph(tokens, device)
+            graph.length.fill_(tokens)
+            graph.row.fill_(tokens - 1)
+            graph.slots.fill_(-1)  # warm-up and capture write nothing to the cache
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._prefill_forward(graph)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph.graph, pool=pool, stream=stream, capture_error_mode=mode):
+                graph.logits = self._prefill_forward(graph)
+            self.prefill_graphs[tokens] = graph
         torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
@@ -109,8 +176,26 @@ class CudaGraphRunner:
             hidden = model(graph.ids, graph.pos)
         return model.compute_logits(hidden).float()
 
+    def _prefill_forward(self, graph: _PrefillGraph) -> torch.Tensor:
+        graph.cu[1:2].copy_(graph.length)  # the prompt ends where the padding sequence starts
+        model = self.runner.model
+        with attention_context(graph.metadata()):
+            hidden = model(graph.ids, graph.pos)
+        return model.compute_logits(hidden[graph.row]).float()
+
+    def _prefill_size(self, step: StepInputs) -> int | None:
+        """The captured token count for a step that is one fresh prompt chunk alone, else None."""
+        if not self.prefill_sizes or step.decode_lens or len(step.prefills) != 1:
+            return None
+        _, n, context, _ = step.prefills[0]
+        if context != n or n > self.prefill_sizes[-1] or step.logits_rows != [n - 1]:
+            return None
+        return next(size for size in self.prefill_sizes if size >= n)
+
     def can_replay(self, step: StepInputs) -> bool:
         n = len(step.input_ids)
+        if self._prefill_size(step) is not None:
+            return True
         return (
             0 < n <= self.max_batch
             and not step.prefills
@@ -120,11 +205,19 @@ class CudaGraphRunner:
         )
 
     def replay(self, step: StepInputs) -> torch.Tensor:
-        """float32 logits [B, vocab] of a decode-only step that `can_replay`, from its graph."""
+        """float32 logits [rows, vocab] of a step that `can_replay`, from its graph."""
         n = len(step.input_ids)
+        size = self._prefill_size(step)
+        if size is not None:
+            prefill = self.prefill_graphs[size]
+            prefill.inputs.copy_(torch.tensor(prefill.host_inputs(step), dtype=torch.long), non_blocking=True)
+            prefill.graph.replay()
+            self.replays["prefill"] += 1
+            return prefill.logits.clone()
         graph = self.graphs[self._size_for[n]]
         graph.inputs.copy_(torch.tensor(graph.host_inputs(step), dtype=torch.long), non_blocking=True)
         graph.graph.replay()
+        self.replays["decode"] += 1
         return graph.logits[:n].clone()
 
 
@@ -135,14 +228,18 @@ def capture_decode_graphs(
     sizes = [b for b in (batch_sizes or DEFAULT_BATCH_SIZES) if b <= max_num_seqs]
     if not sizes or sizes[-1] < min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]):
         sizes.append(min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]))
-    graphs = CudaGraphRunner(runner, sizes, max_model_len)
+    # Prefill graphs use FlashAttention's varlen kernel, which takes half precision only.
+    half = runner.layers[0].kv_cache.dtype in (torch.float16, torch.bfloat16)
+    prefill = tuple(n for n in PREFILL_TOKEN_COUNTS if n < max_model_len) if half else ()
+    graphs = CudaGraphRunner(runner, sizes, max_model_len, prefill)
     before = torch.cuda.memory_allocated(runner.device)
     seconds = graphs.capture()
     logger.info(
-        "CUDA graphs: decode step captured for batch sizes %s (block tables %d wide) in %.1f s, "
-        "%.0f MiB; other steps run eagerly",
+        "CUDA graphs: decode step captured for batch sizes %s (block tables %d wide), a lone fresh "
+        "prompt for token counts %s, in %.1f s, %.0f MiB; other steps run eagerly",
         ",".join(map(str, graphs.batch_sizes)),
         graphs.width,
+        ",".join(map(str, prefill)) or "none",
         seconds,
         (torch.cuda.memory_allocated(runner.device) - before) / (1 << 20),
     )

@@ -7,6 +7,7 @@ longest: the token dimension is the sum of the scheduled tokens.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -69,6 +70,15 @@ class ModelRunner:
             )
         for layer in self.layers:
             layer.allocate_cache(num_blocks, block_size, dtype, device)
+
+    def release(self) -> None:
+        """Give the KV cache and CUDA graphs back to the allocator; the runner cannot run afterwards."""
+        self.cuda_graphs = None
+        for layer in self.layers:
+            layer.release_cache()
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         """Flat cache slots of token positions [start, end) of a sequence."""

@@ -35,6 +35,35 @@ class PrefillChunk:
 
 
 @dataclass
+class VarlenPrefill:
+    """Every prefill chunk of a step as one variable-length attention call: cumulative query and key
+    offsets, and the cache slots of all contexts when some chunk continues a cached prefix (None when
+    every chunk is a sequence's first, so its keys are the step's own new tokens)."""
+
+    cu_queries: torch.Tensor  # int32 [chunks + 1]
+    cu_keys: torch.Tensor  # int32 [chunks + 1]
+    max_query_len: int
+    max_key_len: int
+    context_slots: torch.Tensor | None
+
+    @staticmethod
+    def of(chunks: list[PrefillChunk], device: torch.device) -> VarlenPrefill:
+        queries = [0]
+        keys = [0]
+        for chunk in chunks:
+            queries.append(queries[-1] + chunk.query_len)
+            keys.append(keys[-1] + chunk.context_len)
+        fresh = all(chunk.context_len == chunk.query_len for chunk in chunks)
+        return VarlenPrefill(
+            cu_queries=torch.tensor(queries, dtype=torch.int32, device=device),
+            cu_keys=torch.tensor(keys, dtype=torch.int32, device=device),
+            max_query_len=max(chunk.query_len for chunk in chunks),
+            max_key_len=max(chunk.context_len for chunk in chunks),
+            context_slots=None if fresh else torch.cat([chunk.context_slots for chunk in chunks]),
+        )
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step layout of the packed batch, built once by the model runner and shared by every layer."""
 
@@ -49,6 +78,14 @@ class AttentionMetadata:
     derived: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     # CUDA: `decode_context_lens` as a device tensor; a CUDA graph binds its own static buffer here.
     decode_context_lens_device: torch.Tensor | None = None
+
+    def varlen_prefill(self) -> VarlenPrefill:
+        """The prefill chunks as one packed varlen attention problem (built once, shared by the layers)."""
+        layout = self.derived.get(("varlen",))
+        if layout is None:
+            layout = VarlenPrefill.of(self.prefills, self.slot_mapping.device)
+            self.derived[("varlen",)] = layout
+        return layout
 
     def decode_lens_tensor(self) -> torch.Tensor:
         """int32 [num_decodes] context length of each decode query, on the block tables' device."""
@@ -131,6 +168,11 @@ class Attention(nn.Module):
         self._slots = self.kv_cache.view(heads, num_blocks * block_size, dim)  # [2*Hkv, slots, D]
         self._rows = self.kv_cache.view(heads * num_blocks, block_size * dim)  # one (head, block) per row
 
+    def release_cache(self) -> None:
+        """Drop this layer's cache tensors (the engine is being closed)."""
+        self.kv_cache = self.k_cache = self.v_cache = None
+        self._slots = self._rows = None
+
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole cache blocks `src[i]` -> `dst[i]` (copy-on-write of a shared prefix block)."""
         self.kv_cache[:, dst] = self.kv_cache[:, src]
@@ -181,6 +223,9 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta)
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            out[nd:] = self._prefill_varlen(q[nd:], kv[nd:], meta.varlen_prefill())
+            return out
         hkv, dim = self.num_kv_heads, self.head_dim
         for chunk in meta.prefills:
             s, n = chunk.query_start, chunk.query_len
@@ -194,6 +239,31 @@ class Attention(nn.Module):
                 o = self._sdpa(qc, ctx[None, :hkv], ctx[None, hkv:], attn_mask=mask)
             out[s : s + n] = o[0].transpose(0, 1).reshape(n, -1)
         return out
+
+    def _prefill_varlen(self, q: torch.Tensor, kv: torch.Tensor, layout: VarlenPrefill) -> torch.Tensor:
+        """CUDA, half precision: every prefill chunk in one FlashAttention varlen call (causal, aligned to
+        the end of each context, so a chunk after a cached prefix sees the prefix and its own past).
+        q [Tq, heads*dim] and kv [Tq, 2*kv_heads, dim] are the packed chunks' new tokens."""
+        hkv = self.num_kv_heads
+        if layout.context_slots is None:
+            keys, values = kv[:, :hkv], kv[:, hkv:]
+        else:  # K/V of whole contexts, read back from the cache (already holding this step's tokens)
+            ctx = self._slots.index_select(1, layout.context_slots).transpose(0, 1).contiguous()
+            keys, values = ctx[:, :hkv], ctx[:, hkv:]
+        out = torch.ops.aten._flash_attention_forward(
+            q.view(q.shape[0], self.num_heads, self.head_dim),
+            keys,
+            values,
+            layout.cu_queries,
+            layout.cu_keys,
+            layout.max_query_len,
+            layout.max_key_len,
+            0.0,
+            True,
+            False,
+            scale=self.scale,
+        )[0]
+        return out.view(q.shape[0], -1)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence, q [B, heads*dim] -> [B, heads*dim].

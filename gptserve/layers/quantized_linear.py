@@ -2,7 +2,8 @@
 
 Activations stay in bf16/fp16; the weights are stored compact and expanded inside the matmul, which
 is what makes decoding fast when it is bound by reading weights. On CPU the layers call PyTorch's
-fused weight-only kernels; elsewhere they dequantize and call `F.linear` (the reference path).
+fused weight-only kernels, on CUDA int8 runs the Triton kernel of `gptserve.kernels.int8_matmul`;
+elsewhere they dequantize and call `F.linear` (the reference path).
 
 A layer may also keep its dense weight: PyTorch's CPU weight-only kernels win only for a handful of
 rows (decoding one or a few sequences), while prefill and large decode batches are compute-bound and
@@ -70,6 +71,10 @@ class Int8Linear(_WeightOnlyLinear):
     def _compact(self, flat: torch.Tensor) -> torch.Tensor:
         if flat.is_cpu:
             return torch._weight_int8pack_mm(flat, self.weight, self.scale)
+        if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
+            from gptserve.kernels.int8_matmul import int8_matmul
+
+            return int8_matmul(flat, self.weight, self.scale)
         return F.linear(flat, self.weight.to(flat.dtype)) * self.scale
 
 

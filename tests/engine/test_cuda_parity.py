@@ -51,18 +51,39 @@ def test_gpu_greedy_matches_transformers(arch, dtype, enforce_eager, tiny_models
     prompts = random_prompts(len(LENGTHS), cpu_model.config.vocab_size, LENGTHS, seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
     outputs = llm.generate(prompts, params)
-    tol = TOLERANCE[dtype]
     for prompt, out in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = _hf_greedy(hf_model, prompt)
-        completion = out.outputs[0]
-        if dtype == "fp32":
-            assert completion.token_ids == ref_tokens
-        for step, entry in enumerate(completion.logprobs):
-            if entry.token_id != ref_tokens[step]:  # bf16 only: a near-tie, after which histories differ
-                gap = ref_logprobs[step, ref_tokens[step]] - ref_logprobs[step, entry.token_id]
-                assert gap.item() < tol, f"step {step}: {entry.token_id} instead of {ref_tokens[step]}"
-                break
-            assert abs(entry.logprob - ref_logprobs[step, entry.token_id].item()) < tol
-            ref_top = ref_logprobs[step].topk(5).values.tolist()
-            assert max(abs(lp - ref) for (_, lp), ref in zip(entry.top, ref_top)) < tol
+        _check_against_hf(hf_model, prompt, out.outputs[0], dtype)
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def _check_against_hf(hf_model: torch.nn.Module, prompt: list[int], completion, dtype: str) -> None:
+    tol = TOLERANCE[dtype]
+    ref_tokens, ref_logprobs = _hf_greedy(hf_model, prompt)
+    if dtype == "fp32":
+        assert completion.token_ids == ref_tokens
+    for step, entry in enumerate(completion.logprobs):
+        if entry.token_id != ref_tokens[step]:  # bf16 only: a near-tie, after which histories differ
+            gap = ref_logprobs[step, ref_tokens[step]] - ref_logprobs[step, entry.token_id]
+            assert gap.item() < tol, f"step {step}: {entry.token_id} instead of {ref_tokens[step]}"
+            break
+        assert abs(entry.logprob - ref_logprobs[step, entry.token_id].item()) < tol
+        ref_top = ref_logprobs[step].topk(5).values.tolist()
+        assert max(abs(lp - ref) for (_, lp), ref in zip(entry.top, ref_top)) < tol
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lone_prompts_replay_prefill_graphs(arch, tiny_models):
+    """One request at a time: its prompt runs from a prefill graph (padded to 32 or 64 tokens; 32 fills
+    its graph exactly), its decode steps from decode graphs, and the output matches transformers."""
+    path, cpu_model = tiny_models[arch]
+    hf_model = copy.deepcopy(cpu_model).to("cuda", torch.bfloat16)
+    llm = LLM(str(path), dtype="bf16", device="cuda", enable_prefix_caching=False)
+    graphs = llm.engine.runner.cuda_graphs
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
+    prompts = random_prompts(3, cpu_model.config.vocab_size, [3, 32, 40], seed=4)
+    for prompt in prompts:
+        (out,) = llm.generate([prompt], params)
+        _check_against_hf(hf_model, prompt, out.outputs[0], "bf16")
+    assert graphs.replays["prefill"] == len(prompts)
+    assert graphs.replays["decode"] == len(prompts) * (NEW_TOKENS - 1)
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks

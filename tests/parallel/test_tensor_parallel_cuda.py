@@ -1,0 +1,62 @@
+"""Tensor parallelism on two GPUs over NCCL: two ranks generate what one GPU generates (graphs on one
+GPU, eager steps on two), and closing the engine ends the worker promptly (needs 2 GPUs)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from gptserve.llm import LLM
+from gptserve.outputs import CompletionOutput
+from gptserve.parallel.launcher import current_world
+from gptserve.sampling_params import SamplingParams
+from tests.conftest import random_prompts
+from tests.parallel.conftest import ODD_VOCAB
+from tests.parallel.test_tensor_parallel import assert_close_logprobs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+]
+
+PROMPTS = random_prompts(3, ODD_VOCAB, [5, 11, 19], seed=1)
+GREEDY = SamplingParams(max_tokens=16, temperature=0, logprobs=5, ignore_eos=True)
+
+
+def generate(path, one_at_a_time: bool, **options) -> list[CompletionOutput]:
+    llm = LLM(path, device="cuda", max_model_len=128, enable_prefix_caching=False, **options)
+    try:
+        if one_at_a_time:  # lone prompts: the prefill graphs run too
+            outs = [llm.generate([p], GREEDY)[0].outputs[0] for p in PROMPTS]
+        else:
+            outs = [out.outputs[0] for out in llm.generate(PROMPTS, GREEDY)]
+        return outs
+    finally:
+        start = time.monotonic()
+        llm.close()
+        assert time.monotonic() - start < 20  # the worker left by itself, nobody waited to kill it
+
+
+@pytest.mark.parametrize("arch", ["gptj", "llama"])
+def test_nccl_tp2_equals_one_gpu_fp32(odd_vocab_models, arch):
+    path = odd_vocab_models[arch]
+    ref = generate(path, False, dtype="fp32")
+    got = generate(path, False, dtype="fp32", tensor_parallel_size=2)
+    assert current_world() is None
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert_close_logprobs(ref, got, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["gptj", "llama"])
+def test_nccl_tp2_lone_prompts_bf16(odd_vocab_models, arch):
+    """bf16 prompts one at a time (FlashAttention varlen prefill on each rank). Rounding differs between
+    one GPU and a sum of two halves, so the first token's distribution is compared."""
+    path = odd_vocab_models[arch]
+    ref = generate(path, True, dtype="bf16")
+    got = generate(path, True, dtype="bf16", tensor_parallel_size=2)
+    for a, b in zip(ref, got):
+        first_a, first_b = a.logprobs[0], b.logprobs[0]
+        assert first_a.token_id == first_b.token_id
+        assert max(abs(p - q) for (_, p), (_, q) in zip(first_a.top, first_b.top)) < 0.1
