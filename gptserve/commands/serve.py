@@ -5,7 +5,9 @@ The OpenAI routes serve MODEL, or without one the first LLM of the repositories,
 default model.
 
 SIGINT/SIGTERM stop accepting connections, let in-flight requests finish, then exit 0; a second SIGINT
-forces the exit. If the engine thread dies the server shuts down and the process exits 1.
+forces the exit. If the engine thread dies, `/health`, `/v2/health/ready` and every request answer 503
+for `ENGINE_DEATH_GRACE_S` (so that monitors and clients see why), then the server shuts down and the
+process exits 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 GiB = 1 << 30
+ENGINE_DEATH_GRACE_S = 2.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -153,7 +156,11 @@ def run(args: argparse.Namespace) -> int:
     server = DrainingServer(
         uvicorn.Config(app, host=args.host, port=args.http_port, log_level=log_level, lifespan="on")
     )
-    async_engine.on_dead.append(lambda error: setattr(server, "should_exit", True))
+    async_engine.on_dead.append(  # runs on the event loop
+        lambda error: asyncio.get_running_loop().call_later(
+            ENGINE_DEATH_GRACE_S, setattr, server, "should_exit", True
+        )
+    )
     metrics_server = None
     if args.metrics_port:
         metrics_server, _ = start_http_server(

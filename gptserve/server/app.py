@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
+from gptserve import __version__
 from gptserve.engine.builder import EngineOptions
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.server.async_engine import AsyncEngine, EngineDeadError
@@ -26,6 +27,7 @@ from gptserve.server.chat_template import ChatTemplate, load_template_source
 from gptserve.server.errors import APIError, error_response, install_error_handlers
 from gptserve.server.metrics import ServerMetrics
 from gptserve.server.openai_routes import build_openai_router
+from gptserve.server.openapi_doc import UNAVAILABLE, install_openapi
 from gptserve.server.request_log import RequestLogMiddleware
 from gptserve.server.serving import OpenAIServing
 from gptserve.triton.grpc_server import start_grpc_server
@@ -135,8 +137,13 @@ def build_app(
             if owns_engine:
                 await async_engine.stop()
 
-    # Interactive docs would be unguarded routes; the API is OpenAI's, documented elsewhere.
-    app = FastAPI(title="gptserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI document, like /health and the chat page, is served without the API key: it is static
+    # and holds no data. Interactive docs are not served (they would load scripts from a CDN).
+    app = FastAPI(
+        title="gptserve", version=__version__, lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+    )  # fmt: skip
+    install_openapi(app)
     app.state.async_engine = async_engine
     app.state.registry = registry
     app.state.metrics = metrics
@@ -155,7 +162,7 @@ def build_app(
     async def _engine_dead(request: Request, exc: EngineDeadError) -> Response:
         return error_response(APIError(503, str(exc)))
 
-    @app.get("/health")
+    @app.get("/health", responses=UNAVAILABLE)
     async def health() -> Response:
         if async_engine.dead:
             return error_response(APIError(503, f"the engine has failed: {async_engine.error!r}"))
@@ -166,6 +173,7 @@ def build_app(
         return Response(metrics.render(), media_type=metrics.content_type)
 
     app.include_router(build_openai_router(serving, require_api_key))
-    app.include_router(build_triton_router(registry, require_api_key))
-    app.include_router(build_web_router())
+    # KServe v2 has its own protocol description; the page is not an API.
+    app.include_router(build_triton_router(registry, require_api_key), include_in_schema=False)
+    app.include_router(build_web_router(), include_in_schema=False)
     return app

@@ -2,8 +2,10 @@
 
 Types are strict (a string is not a number, a float is not an integer) and unknown fields are refused,
 so a misspelt parameter is a 400 rather than silently ignored. Ranges are checked by `SamplingParams`,
-which names the field at fault; these models only fix the shapes. vLLM's extra sampling fields are
-accepted in the body (the SDK sends them through `extra_body`).
+which names the field at fault; these models only fix the shapes, and state the ranges in their JSON
+schema (`ranged`: documentation only, no validation) so that the OpenAPI document tells clients and
+fuzzers what is accepted. vLLM's extra sampling fields are accepted in the body (the SDK sends them
+through `extra_body`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,26 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gptserve.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS
+
+
+def ranged(default: Any, **schema: Any) -> Any:
+    """A field with `default` whose JSON schema also carries `schema` (e.g. `minimum`); not validated
+    here, since `SamplingParams` does it with a message that names the field."""
+    return Field(default, json_schema_extra=schema)
+
+
+TOKEN_IDS = {"items": {"type": "integer", "minimum": 0}}
+PROMPT = {  # text, texts, token ids or lists of token ids; none of them empty
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        {"type": "array", "minItems": 1, **TOKEN_IDS},
+        {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, **TOKEN_IDS}},
+    ]
+}
+LOGPROBS = {"minimum": 0, "maximum": MAX_LOGPROBS}
 
 
 class OpenAIModel(BaseModel):
@@ -25,34 +47,40 @@ class SamplingFields(OpenAIModel):
     """The sampling fields shared by completions and chat completions."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    n: int = ranged(1, minimum=1, maximum=MAX_N)
+    temperature: float | None = ranged(None, minimum=0, maximum=100)
+    top_p: float | None = ranged(None, exclusiveMinimum=0, maximum=1)
+    seed: int | None = ranged(None, minimum=0, exclusiveMaximum=2**64)
+    stop: str | list[str] | None = ranged(
+        None, minLength=1, maxItems=MAX_STOP_STRINGS, items={"type": "string", "minLength": 1}
+    )
+    presence_penalty: float = ranged(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float = ranged(0.0, minimum=-2, maximum=2)
+    logit_bias: dict[str, float] | None = ranged(
+        None,
+        maxProperties=MAX_LOGIT_BIAS_ENTRIES,
+        additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = ranged(None, minimum=-1)
+    min_p: float | None = ranged(None, minimum=0, maximum=1)
+    repetition_penalty: float | None = ranged(None, exclusiveMinimum=0, maximum=10)
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: int = ranged(0, minimum=0)
+    stop_token_ids: list[int] | None = ranged(None, **TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=PROMPT)
+    max_tokens: int | None = ranged(16, minimum=1)
+    logprobs: int | None = ranged(None, **LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = ranged(None, minimum=1, maximum=MAX_N)
     suffix: str | None = None
     add_special_tokens: bool = True
 
@@ -74,10 +102,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = ranged(None, minimum=1)
+    max_completion_tokens: int | None = ranged(None, minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = ranged(None, **LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -107,4 +135,4 @@ class TokenizeChatRequest(OpenAIModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[int] = Field(json_schema_extra=TOKEN_IDS)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -17,14 +18,16 @@ from gptserve.server.openai_protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from gptserve.server.openapi_doc import UNAVAILABLE, json_body
 from gptserve.server.serving import OpenAIServing
 from gptserve.server.serving_chat import create_chat_completion
 from gptserve.server.serving_completions import create_completion
+from gptserve.server.unicode_json import UnicodeJSONRoute
 
 
 def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
     """The routes, each guarded by the `auth` dependency."""
-    router = APIRouter(dependencies=[Depends(auth)])
+    router = APIRouter(dependencies=[Depends(auth)], route_class=UnicodeJSONRoute)
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -35,15 +38,15 @@ def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
         ]  # fmt: skip
         return {"object": "list", "data": data}
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=UNAVAILABLE)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(serving, body, raw)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=UNAVAILABLE)
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(serving, body, raw)
 
-    @router.post("/tokenize")
+    @router.post("/tokenize", openapi_extra=json_body(TokenizeCompletionRequest, TokenizeChatRequest))
     async def tokenize(raw: Request) -> dict[str, Any]:
         body = await _json_object(raw)
         try:
@@ -85,7 +88,9 @@ def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
 async def _json_object(raw: Request) -> dict[str, Any]:
     try:
         body = await raw.json()
-    except ValueError:
+    except json.JSONDecodeError as e:
+        raise bad_request(f"request body is not valid JSON: {e.msg}") from None
+    except ValueError:  # not UTF-8
         raise bad_request("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")

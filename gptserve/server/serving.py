@@ -62,6 +62,14 @@ class OpenAIServing:
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.engine.tokenize(text, add_special_tokens)
 
+    def check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
+        """A 400 naming `param` unless every id is in the vocabulary (the tokenizer cannot decode the
+        others: an id below 0 or beyond 64 bits makes it raise `OverflowError`)."""
+        vocab = self.engine.engine.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"{param} holds token id {bad[0]} outside the vocabulary of {vocab}", param)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             raise APIError(

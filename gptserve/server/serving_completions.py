@@ -75,6 +75,9 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     prompts = _prompt_list(req.prompt)
     if not prompts:
         raise bad_request("prompt is empty", "prompt")
+    for p in prompts:
+        if not isinstance(p, str):
+            serving.check_token_ids(p, "prompt")  # before `echo` decodes them
     token_prompts = [
         serving.tokenize(p, req.add_special_tokens) if isinstance(p, str) else p for p in prompts
     ]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from gptserve.triton.tensor_bytes import deserialize_bytes, serialize_bytes
+from gptserve.triton.tensor_bytes import decode_raw_tensor, serialize_bytes
 from gptserve.triton.types import (
     DATATYPES,
     InferRequest,
@@ -92,20 +92,6 @@ def _element_count(shape: Iterable[int], name: str) -> int:
     return count
 
 
-def _decode_raw(raw: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    count = _element_count(shape, name)
-    if datatype == "BYTES":
-        return deserialize_bytes(raw, count, name).reshape(shape)
-    dtype = DATATYPES[datatype]
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise TritonError(
-            f"unexpected total byte size {len(raw)} for input '{name}', expecting {expected} "
-            f"({count} {datatype} elements of shape {shape})"
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
-
-
 def _decode_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: list[int]) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
     count = _element_count(shape, name)
@@ -161,7 +147,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
                 raise TritonError(
                     f"contents field must not be specified when using raw_input_contents for '{name}'"
                 )
-            request.inputs[name] = _decode_raw(msg.raw_input_contents[i], datatype, shape, name)
+            request.inputs[name] = decode_raw_tensor(msg.raw_input_contents[i], datatype, shape, name)
         else:
             request.inputs[name] = _decode_contents(tensor, shape)
         request.datatypes[name] = datatype

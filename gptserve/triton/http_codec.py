@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from gptserve.triton.tensor_bytes import count_bytes_elements, deserialize_bytes, serialize_bytes
+from gptserve.triton.tensor_bytes import (
+    count_bytes_elements,
+    decode_raw_tensor,
+    deserialize_bytes,
+    serialize_bytes,
+)
 from gptserve.triton.types import (
     DATATYPES,
     InferRequest,
@@ -146,22 +151,6 @@ def _json_tensor(flat: list[Any], datatype: str, name: str) -> np.ndarray:
     return np.array(flat, dtype=dtype)
 
 
-def _binary_tensor(buf: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    count = _element_count(shape)
-    if datatype == "BYTES":
-        return deserialize_bytes(buf, count, name).reshape(shape)
-    dtype = DATATYPES[datatype]
-    expected = count * dtype.itemsize
-    if len(buf) != expected:
-        raise TritonError(
-            f"input '{name}': binary data has {len(buf)} bytes, but {count} {datatype} elements of "
-            f"shape {shape} need {expected}"
-        )
-    if datatype == "BOOL":
-        return (np.frombuffer(buf, dtype=np.uint8) != 0).reshape(shape)
-    return np.frombuffer(buf, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
-
-
 # ------------------------------------------------------------------------------------------ requests
 def _parse_header_length(value: str | int | None, body_size: int) -> int | None:
     if value is None:
@@ -194,7 +183,7 @@ def _raw_binary_request(
                 f"input '{spec.name}': raw binary data of {len(body)} bytes is not a whole number of "
                 f"{spec.datatype} elements"
             )
-        data = _binary_tensor(body, spec.datatype, [len(body) // itemsize], spec.name)
+        data = decode_raw_tensor(body, spec.datatype, [len(body) // itemsize], spec.name)
     shape = _deduce_shape(spec, data.size)
     request = InferRequest(model_name=model_name, model_version=model_version)
     request.inputs[spec.name] = data.reshape(shape)
@@ -317,7 +306,7 @@ def decode_infer_request(
                     f"input '{name}': binary_data_size {size} exceeds the {len(binary) - offset} bytes "
                     "of binary data left in the request body"
                 )
-            data = _binary_tensor(bytes(binary[offset : offset + size]), datatype, shape, name)
+            data = decode_raw_tensor(bytes(binary[offset : offset + size]), datatype, shape, name)
             offset += size
         elif "data" in tensor:
             flat: list[Any] = []

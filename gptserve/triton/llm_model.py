@@ -3,8 +3,9 @@
 Two shapes share one implementation. A FasterTransformer `config.pbtxt` (`backend: "fastertransformer"`)
 gives the model exactly that config's tensors. The model served without a repository gets a synthesised
 config whose inputs are all optional: the text form of Triton's LLM backends (`text_input`, `max_tokens`,
-`stream` -> `text_output`) and FT's token form (`input_ids`, `input_lengths`, `request_output_len` ->
-`output_ids`, `sequence_length`, log-probs), with the FT sampling scalars in both.
+`stream` -> `text_output`, with TensorRT-LLM's `stop_words` and `bad_words` as strings: `text_words`)
+and FT's token form (`input_ids`, `input_lengths`, `request_output_len` -> `output_ids`,
+`sequence_length`, log-probs), with the FT sampling scalars in both.
 
 Every row of a batch is its own engine request, submitted together and batched continuously with all
 other traffic; nothing waits for the longest row. Streaming (a decoupled config, or a request whose
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError, 
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
 from gptserve.triton import ft_tensors as ft
+from gptserve.triton.text_words import WORD_INPUTS, with_words
 from gptserve.triton.types import (
     InferRequest,
     InferResponse,
@@ -55,6 +58,7 @@ DEFAULT_MAX_TOKENS = 16
 # The synthesised config of a served model: (name, datatype, dims) of every input and output.
 TEXT_INPUTS = [("text_input", "BYTES", [1]), ("max_tokens", "INT32", [1]), ("stream", "BOOL", [1])]
 TEXT_INPUTS.append(("exclude_input_in_output", "BOOL", [1]))
+TEXT_INPUTS += [(name, "BYTES", [-1]) for name in WORD_INPUTS]
 TOKEN_INPUTS = [
     ("input_ids", "UINT32", [-1]),
     ("input_lengths", "UINT32", [1]),
@@ -172,6 +176,12 @@ class LLMModel(TritonModel):
             return self._parse_text(request, extra)
         if "input_ids" not in inputs:
             raise TritonError(f"model '{self.name}' expects 'input_ids' (or 'text_input' for text)")
+        for name in WORD_INPUTS:
+            if name in inputs:
+                raise TritonError(
+                    f"input '{name}' (strings) goes with 'text_input'; with 'input_ids' send token ids "
+                    f"in '{name}_list'"
+                )
         token_request = ft.parse_token_request(inputs, self.eos_token_ids, self.default_end_id, extra)
         return _Job(token_request.prompts, token_request.params, token_request=token_request)
 
@@ -204,6 +214,7 @@ class LLMModel(TritonModel):
         prompts = [self.engine.tokenize(t) for t in prompt_texts]
         max_tokens = [int(n) for n in lens]
         params, _ = ft.sampling_params(request.inputs, max_tokens, self.eos_token_ids, None, extra)
+        params = with_words(request, params, partial(self.engine.tokenize, add_special_tokens=False))
         exclude = request.inputs.get("exclude_input_in_output", extra.get("exclude_input_in_output", False))
         return _Job(prompts, params, prompt_texts=prompt_texts, exclude_input=_truthy(exclude))
 

@@ -1,16 +1,18 @@
-"""The wire form of BYTES tensors, shared by HTTP (binary tensor data) and gRPC (raw contents).
+"""The raw wire form of tensors, shared by HTTP (binary tensor data) and gRPC (raw contents).
 
-A BYTES tensor travels as its elements in row-major order, each a little-endian uint32 length followed
-by that many bytes. In memory it is a numpy object array of `bytes` (`str` elements are sent as UTF-8).
+Raw tensors are little-endian and row-major; BOOL is one byte per element. A BYTES tensor travels as its
+elements in row-major order, each a little-endian uint32 length followed by that many bytes. In memory
+it is a numpy object array of `bytes` (`str` elements are sent as UTF-8).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
 
-from gptserve.triton.types import TritonError
+from gptserve.triton.types import DATATYPES, TritonError
 
 
 def serialize_bytes(data: np.ndarray) -> bytes:
@@ -58,3 +60,23 @@ def count_bytes_elements(buf: bytes, name: str) -> int:
         offset += 4 + int.from_bytes(buf[offset : offset + 4], "little")
         count += 1
     return count
+
+
+def decode_raw_tensor(raw: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    """Raw bytes of input `name` -> a numpy array of `datatype` and `shape`; raises `TritonError` naming
+    the input when a dimension is negative or the byte count disagrees with the shape."""
+    if any(d < 0 for d in shape):
+        raise TritonError(f"invalid shape {list(shape)} for input '{name}': dimensions must be >= 0")
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, count, name).reshape(shape)
+    dtype = DATATYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise TritonError(
+            f"input '{name}': binary data has {len(raw)} bytes, but {count} {datatype} elements of "
+            f"shape {list(shape)} need {expected}"
+        )
+    if datatype == "BOOL":
+        return (np.frombuffer(raw, dtype=np.uint8) != 0).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_tiny_model, gpt2_tokenizer
-from tests.server.conftest import ServerProcess, free_port, start_server
+from tests.server.conftest import ServerProcess, start_tiny_gptj_server
 
 MODEL = "tiny"
 MAX_LEN = 4096
@@ -27,16 +26,7 @@ CHAT_TEMPLATE = (
 @pytest.fixture(scope="session")
 def tiny_server(tmp_path_factory) -> Iterator[ServerProcess]:
     path = tmp_path_factory.mktemp("tiny-gptj-clients")
-    build_tiny_model("gptj", path, vocab_size=50400, n_positions=MAX_LEN)
-    gpt2_tokenizer().save_pretrained(path)
-    template = path / "chat_template.jinja"
-    template.write_text(CHAT_TEMPLATE)
-    grpc_port = free_port()
-    proc = start_server(
-        str(path), "--served-model-name", MODEL, "--max-model-len", str(MAX_LEN),
-        "--chat-template", str(template), "--grpc-port", str(grpc_port),
-    )  # fmt: skip
-    proc.grpc_url = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
+    proc = start_tiny_gptj_server(path, MODEL, MAX_LEN, CHAT_TEMPLATE)
     try:
         yield proc
     finally:

@@ -1,9 +1,13 @@
 """The chat page at `/` in a real headless browser (the system's chromium, driven by selenium through
 chromedriver): it loads and lists the model with no API key field, a prompt streams an answer in with
-its tokens/s, Stop ends the answer (and the request on the server), and a server error is shown."""
+its tokens/s, Stop ends the answer (and the request on the server), and a server error is shown.
+
+Without chromium, chromedriver or selenium the module is skipped, unless `GPTSERVE_REQUIRE_BROWSER` is
+set (as `.ci/run` does once it has installed both): then every test fails with the reason."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -14,21 +18,39 @@ import pytest
 from tests.clients.conftest import MAX_LEN, MODEL
 from tests.server.conftest import ServerProcess
 
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    webdriver = None
+
 CHROMIUM = next(filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
 CHROMEDRIVER = shutil.which("chromedriver")
-MISSING = "needs chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)"
-if CHROMIUM is None or CHROMEDRIVER is None:  # .ci/run installs both; it says so when it cannot
-    pytest.skip(MISSING, allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+REQUIRE_BROWSER = os.environ.get("GPTSERVE_REQUIRE_BROWSER", "") not in ("", "0")
+
+
+def missing() -> str | None:
+    """Why this module cannot drive a browser here, or None."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        return "needs chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)"
+    if webdriver is None:
+        return "needs selenium (pip install selenium)"
+    return None
+
+
+if missing() and not REQUIRE_BROWSER:
+    pytest.skip(missing(), allow_module_level=True)
 
 WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
+    reason = missing()
+    if reason:
+        pytest.fail(f"GPTSERVE_REQUIRE_BROWSER is set, but the browser test {reason}", pytrace=False)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

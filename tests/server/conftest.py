@@ -1,7 +1,8 @@
 """Fixtures: the real `gptserve serve` process on a free loopback port, and clients that talk to it.
 
 The server runs the embedded SmolLM2-135M-Instruct in fp32 with a 2048-token context. One server is
-shared by the whole session; tests that need other flags start their own with `start_server`.
+shared by the whole session; tests that need other flags start their own with `start_server`, or with
+`start_tiny_gptj_server` over a tiny random GPT-J with the GPT-2 tokenizer.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+
+from tests.conftest import build_tiny_model, gpt2_tokenizer
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -32,6 +36,7 @@ def free_port() -> int:
 class ServerProcess:
     process: subprocess.Popen
     url: str
+    grpc_url: str = ""  # host:port of its gRPC endpoint, when it has one
 
     def stop(self) -> int:
         """SIGTERM (drain, then exit) and the exit status."""
@@ -65,6 +70,25 @@ def start_server(*extra: str, env: dict[str, str] | None = None) -> ServerProces
         time.sleep(0.5)
     process.kill()
     raise RuntimeError(f"gptserve serve was not healthy within {STARTUP_TIMEOUT_S} s")
+
+
+def start_tiny_gptj_server(
+    path: Path, model: str, max_len: int, chat_template: str, *extra: str
+) -> ServerProcess:
+    """Write a tiny random GPT-J with the GPT-2 vocabulary and tokenizer to `path` and serve it as `model`
+    with `chat_template`, over HTTP and gRPC (`grpc_url`); `extra` are more `gptserve serve` flags.
+    The text it generates is noise; what matters is that every protocol gets the same tokens."""
+    build_tiny_model("gptj", path, vocab_size=50400, n_positions=max_len)
+    gpt2_tokenizer().save_pretrained(path)
+    template = path / "chat_template.jinja"
+    template.write_text(chat_template)
+    grpc_port = free_port()
+    proc = start_server(
+        str(path), "--served-model-name", model, "--max-model-len", str(max_len),
+        "--chat-template", str(template), "--grpc-port", str(grpc_port), *extra,
+    )  # fmt: skip
+    proc.grpc_url = f"127.0.0.1:{grpc_port}"
+    return proc
 
 
 @pytest.fixture(scope="session")

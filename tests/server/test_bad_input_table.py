@@ -22,8 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import build_tiny_model, gpt2_tokenizer
-from tests.server.conftest import ServerProcess, free_port, start_server
+from tests.server.conftest import ServerProcess, start_tiny_gptj_server
 
 MODEL = "tiny"
 MAX_LEN = 512
@@ -48,17 +47,10 @@ class Servers:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> Iterator[Servers]:
     path = tmp_path_factory.mktemp("tiny-gptj-bad-input")
-    build_tiny_model("gptj", path, vocab_size=50400, n_positions=MAX_LEN)
-    gpt2_tokenizer().save_pretrained(path)
-    template = path / "template.jinja"
-    template.write_text(TEMPLATE)
-    grpc_port = free_port()
-    proc = start_server(
-        str(path), "--served-model-name", MODEL, "--max-model-len", str(MAX_LEN),
-        "--chat-template", str(template), "--grpc-port", str(grpc_port),
-        "--max-request-bytes", str(MAX_REQUEST_BYTES),
-    )  # fmt: skip
-    grpc_url = f"127.0.0.1:{grpc_port}"
+    proc = start_tiny_gptj_server(
+        path, MODEL, MAX_LEN, TEMPLATE, "--max-request-bytes", str(MAX_REQUEST_BYTES)
+    )
+    grpc_url = proc.grpc_url
     try:
         with (
             httpx.Client(base_url=proc.url, timeout=60) as http,

@@ -1,13 +1,14 @@
 """The Triton HTTP protocol of a real `gptserve serve` process, driven by stock `tritonclient.http`: health,
 metadata, config, infer in the FasterTransformer token form (binary and JSON), generate and
-generate_stream, statistics, the repository index, error paths in Triton's form, the API key, and a
-client that goes away (its engine request is aborted)."""
+generate_stream, the text form's `stop_words` and `bad_words`, statistics, the repository index, error
+paths in Triton's form, the API key, and a client that goes away (its engine request is aborted)."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import numpy as np
@@ -151,6 +152,107 @@ def test_generate_and_generate_stream(server: ServerProcess):
 
     versioned = httpx.post(f"{url}/versions/1/generate", json=payload, headers=auth(), timeout=300)
     assert versioned.json()["text_output"] == body["text_output"]
+
+
+def greedy_tokens(server: ServerProcess, prompt: str, n: int) -> list[str]:
+    """The text of each of the first `n` greedy tokens after `prompt` (OpenAI completions' logprobs)."""
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 0}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=auth(), timeout=300)
+    return response.json()["choices"][0]["logprobs"]["tokens"]
+
+
+def a_word(tokens: list[str]) -> int:
+    """The index of a generated token, after the first, that is a whole word with its leading space."""
+    return next(i for i, t in enumerate(tokens) if i > 0 and t.startswith(" ") and t[1:].isalpha())
+
+
+def bytes_input(name: str, rows: list[list[str]]) -> httpclient.InferInput:
+    tensor = httpclient.InferInput(name, [len(rows), len(rows[0])], "BYTES")
+    tensor.set_data_from_numpy(np.array([[w.encode() for w in row] for row in rows], dtype=object))
+    return tensor
+
+
+def text_inputs(prompts: list[str], max_tokens: int) -> list[httpclient.InferInput]:
+    """A batch of prompts in the text form, answered without the prompt."""
+    exclude = httpclient.InferInput("exclude_input_in_output", [len(prompts), 1], "BOOL")
+    exclude.set_data_from_numpy(np.array([[True]] * len(prompts)))
+    lengths = httpclient.InferInput("max_tokens", [len(prompts), 1], "INT32")
+    lengths.set_data_from_numpy(np.array([[max_tokens]] * len(prompts), dtype=np.int32))
+    return [bytes_input("text_input", [[p] for p in prompts]), exclude, lengths]
+
+
+def test_text_form_stop_and_bad_words(server: ServerProcess, client: httpclient.InferenceServerClient):
+    prompts = ["The quick brown", "Once upon a time"]
+    tokens = [greedy_tokens(server, p, 12) for p in prompts]
+    texts = ["".join(t) for t in tokens]
+    stops = [t[a_word(t)] for t in tokens]
+    # Row 0 has one stop word ("" pads it), row 1 two, the first of which never comes.
+    words = bytes_input("stop_words", [[stops[0], ""], ["\u2603", stops[1]]])
+    result = client.infer(MODEL, [*text_inputs(prompts, 12), words], headers=auth())
+    stopped = [row[0].decode() for row in result.as_numpy("text_output")]
+    assert stopped == [text[: text.index(stop)] for text, stop in zip(texts, stops)]
+
+    at = a_word(tokens[0])
+    banned = bytes_input("bad_words", [[tokens[0][at]]])  # one list for every row
+    result = client.infer(MODEL, [*text_inputs(prompts, 12), banned], headers=auth())
+    first = result.as_numpy("text_output")[0, 0].decode()
+    before = "".join(tokens[0][:at])
+    assert first.startswith(before) and not first.startswith(before + tokens[0][at])
+
+
+def test_generate_json_stop_and_bad_words(server: ServerProcess):
+    prompt = "The quick brown"
+    tokens = greedy_tokens(server, prompt, 12)
+    text, at = "".join(tokens), a_word(tokens)
+    url = f"{server.url}/v2/models/{MODEL}/generate"
+    base = {"text_input": prompt, "max_tokens": 12, "runtime_top_k": 1, "exclude_input_in_output": True}
+
+    def generate(**fields) -> httpx.Response:
+        return httpx.post(url, json={**base, **fields}, headers=auth(), timeout=300)
+
+    assert generate().json()["text_output"] == text
+    expected = text[: text.index(tokens[at])]
+    assert generate(stop_words=[tokens[at]]).json()["text_output"] == expected
+    assert generate(stop_words=tokens[at]).json()["text_output"] == expected  # one string
+    assert generate(parameters={"stop_words": [tokens[at]]}).json()["text_output"] == expected
+    assert generate(stop=[tokens[at]]).json()["text_output"] == expected  # vLLM's and OpenAI's name
+
+    unbanned = "".join(tokens[:at])
+    for fields in ({"bad_words": [tokens[at]]}, {"parameters": {"bad_words": tokens[at]}}):
+        out = generate(**fields).json()["text_output"]
+        assert out.startswith(unbanned) and not out.startswith(unbanned + tokens[at])
+    stream = httpx.post(
+        f"{url}_stream",
+        json={**base, "stream": True, "stop_words": [tokens[at]]},
+        headers=auth(),
+        timeout=300,
+    )
+    assert "".join(e["text_output"] for e in _events(stream)) == expected
+
+
+def test_text_form_word_lists_are_checked(server: ServerProcess, client: httpclient.InferenceServerClient):
+    url = f"{server.url}/v2/models/{MODEL}/generate"
+    base = {"text_input": "hi", "max_tokens": 2}
+    for fields, name in (
+        ({"stop_words": [1, 2]}, "stop_words"),
+        ({"bad_words": [["a"], 5]}, "bad_words"),
+        ({"bad_words": {"a": 1}}, "bad_words"),
+        ({"parameters": {"stop_words": 5}}, "stop_words"),
+        ({"stop": [None, 1]}, "stop"),
+        ({"stop_words": [str(i) for i in range(17)]}, "stop_words"),
+        ({"text_input": None, "input_ids": [1, 2], "request_output_len": [2], "stop_words": ["a"]},
+         "stop_words"),
+    ):  # fmt: skip
+        body = {**base, **fields}
+        response = httpx.post(url, json={k: v for k, v in body.items() if v is not None}, headers=auth())
+        assert response.status_code == 400 and name in response.json()["error"], (fields, response.text)
+
+    numbers = httpclient.InferInput("stop_words", [1, 1], "INT32")
+    numbers.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    three_rows = bytes_input("bad_words", [["a"], ["b"], ["c"]])  # three lists for one prompt
+    for tensor in (numbers, three_rows):
+        err = triton_error(partial(client.infer, MODEL, [*text_inputs(["hi"], 2), tensor], headers=auth()))
+        assert err.status() == "400" and tensor.name() in err.message()
 
 
 def test_statistics_and_repository_index(client: httpclient.InferenceServerClient):
