@@ -229,11 +229,17 @@ class LLMEngine:
         forbidden: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             forbidden = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
+        # The token history is copied only for the processors that read it: at hundreds of sequences a
+        # step, copying every prompt and output would cost milliseconds of host time per step.
+        penalised = params.repetition_penalty != 1.0
+        reads_output = (
+            penalised or params.frequency_penalty or params.presence_penalty or params.bad_words_ids
+        )
         return SamplingRow(
             params=params,
             generator=seq.generator,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            output_token_ids=seq.output_token_ids,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens] if penalised else (),
+            output_token_ids=seq.output_token_ids if reads_output else (),
             forbidden_token_ids=forbidden,
         )
 

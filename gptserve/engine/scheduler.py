@@ -101,11 +101,13 @@ class Scheduler:
         while self.running and budget > 0:
             request = self.running.pop(0)
             plan = self._plan(request, budget)
-            while not self.kv.can_allocate(self._blocks_needed(plan)) and self.running:
+            needed = self._blocks_needed(plan)
+            while not self.kv.can_allocate(needed) and self.running:
                 victim = self.running.pop()
                 self.preempt(victim)
                 out.preempted.append(victim)
-            if not self.kv.can_allocate(self._blocks_needed(plan)):
+                needed = self._blocks_needed(plan)  # the victim may have shared a block with the plan
+            if not self.kv.can_allocate(needed):
                 if not scheduled_running:  # alone and still too big: it can never run
                     self._fail(request, out)
                 else:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from gptserve.server.unicode_json import find_surrogate
 from gptserve.triton.tensor_bytes import (
     count_bytes_elements,
     decode_raw_tensor,
@@ -83,9 +84,16 @@ def compress(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | Non
 
 def _load_json(text: bytes, what: str, hint: str = "") -> Any:
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
         raise TritonError(f"{what} is not valid JSON: {e}{hint}") from None
+    surrogate = find_surrogate(value)
+    if surrogate is not None:  # valid JSON but not Unicode text: tokenizers and error bodies choke on it
+        raise TritonError(
+            f"{what} is not valid JSON: a string holds the unpaired UTF-16 surrogate "
+            f"\\u{ord(surrogate):04x}, which is not a Unicode character"
+        )
+    return value
 
 
 def parse_json_object(body: bytes, what: str = "request body") -> dict[str, Any]:

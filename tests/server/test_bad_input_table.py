@@ -339,6 +339,8 @@ CASES: list[tuple[str, Callable[[Servers], Failure], int | str, str]] = [
     ("generate-max-tokens-string", post(GENERATE, {"text_input": "hi", "max_tokens": "ten"}), 400,
      "max_tokens"),
     ("generate-body-not-json", post(GENERATE, content=b"nope"), 400, "json"),
+    ("generate-lone-surrogate", post(GENERATE, content=b'{"text_input": "a\\ud800", "max_tokens": 2}'), 400,
+     "surrogate"),
     ("generate-text-input-number", post(GENERATE, {"text_input": 5, "max_tokens": 2}), 400, "text_input"),
     ("generate-stream-max-tokens-zero", post(GENERATE_STREAM, {"text_input": "hi", "max_tokens": 0}), 400,
      "max_tokens"),

@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
@@ -112,13 +113,29 @@ def test_openapi_document_describes_the_openai_routes(fuzzed_server: ServerProce
     assert responses["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+@pytest.mark.parametrize("mode", list(GenerationMode), ids=lambda m: m.value)
+def test_fuzzed_requests_never_break_the_server(api_schema: Any, mode: GenerationMode) -> None:
+    """Requests that follow the schema (positive) and requests that break it (negative), for every
+    OpenAI operation. Driven through Hypothesis directly rather than schemathesis's pytest plugin, whose
+    parametrization depends on pytest internals."""
+    operations = [result.ok() for result in api_schema.include(path=OPENAI_PATHS).get_all_operations()]
+    assert {op.path for op in operations} == set(OPENAI_PATHS)
+    sent: dict[str, int] = {}
+    for operation in operations:
+        if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
+            continue  # nothing to break: `GET /v1/models` takes no parameters
 
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(
+            max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        def fuzz(case: Any) -> None:
+            case.call_and_validate(checks=CHECKS)
+            sent[case.operation.path] = sent.get(case.operation.path, 0) + 1
 
-@schema.include(path=OPENAI_PATHS).parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-def test_fuzzed_requests_never_break_the_server(case: Any) -> None:
-    case.call_and_validate(checks=CHECKS)
+        fuzz()
+    fuzzed = [op.path for op in operations if mode is GenerationMode.POSITIVE or op.method.upper() != "GET"]
+    assert all(sent.get(path, 0) > 0 for path in fuzzed), sent  # every operation was exercised
 
 
 # Each of these was a 500. The fuzzer found the first kind (`echo` decoded token ids beyond the
