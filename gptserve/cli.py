@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "gptserve.commands.bench",
     "serve": "gptserve.commands.serve",
     "convert": "gptserve.commands.convert",
+    "tune": "gptserve.commands.tune",
     "client": "gptserve.commands.client",
     "chat": "gptserve.commands.chat",
 }

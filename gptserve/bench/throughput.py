@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--baseline-num-prompts", type=int, default=0, help="HF runs the first N prompts only; 0 = all"
     )
+    parser.add_argument(
+        "--baseline-static",
+        action="store_true",
+        help='also time HF generate with cache_implementation="static" (compiled by transformers)',
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
 
 
@@ -121,7 +126,41 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
                          f"{rate:.1f} output tok/s ({seconds:.2f} s; "
                          f"{len(hf_prompts)} prompts, batches of {batch})"))  # fmt: skip
             rows.append((f"  gptserve / HF {name}", f"{ours['output_tokens_per_s'] / rate:.2f}x"))
+            if args.baseline_static:
+                _static_baseline(args, net, hf_prompts, batch, name, ours, results, rows)
             del net
     print_table("bench throughput", rows)
     write_json(args.json, results)
     return 0
+
+
+def _static_baseline(
+    args: argparse.Namespace,
+    net: Any,
+    prompts: list[list[int]],
+    batch: int,
+    name: str,
+    ours: dict[str, Any],
+    results: dict[str, Any],
+    rows: list[tuple[str, str]],
+) -> None:
+    """HF `generate` with a static cache (compiled by transformers) on the same batches; the first batch
+    is run once beforehand to compile, and timed apart."""
+    key = f"hf_{name}_static"
+    try:
+        start = time.perf_counter()
+        hf_generate_time(net, prompts[:batch], args.output_len, cache_implementation="static")
+        warm = time.perf_counter() - start
+        seconds = sum(
+            hf_generate_time(net, prompts[i : i + batch], args.output_len, cache_implementation="static")
+            for i in range(0, len(prompts), batch)
+        )
+    except Exception as e:  # a transformers version or model that cannot compile: report it
+        results[key] = {"error": f"{type(e).__name__}: {e}"}
+        rows.append((f"HF generate {name} static", f"failed: {type(e).__name__}: {str(e)[:200]}"))
+        return
+    rate = len(prompts) * args.output_len / seconds
+    results[key] = {"seconds": seconds, "output_tokens_per_s": rate, "batch": batch, "warm_up_s": warm}
+    detail = f"{seconds:.2f} s, batches of {batch}; first batch {warm:.0f} s"
+    rows.append((f"HF generate {name} static", f"{rate:.1f} output tok/s ({detail})"))
+    rows.append((f"  gptserve / HF {name} static", f"{ours['output_tokens_per_s'] / rate:.2f}x"))

@@ -4,6 +4,7 @@ baseline measured in the same run; `load` is the server's bounded load test (pas
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 
 MODES = {
@@ -52,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
         device = resolve_device(options.device)
         args.checkpoint = random_checkpoint(args.random_weights, device, resolve_dtype(options.dtype, device))
-        engine = build_engine(f"random:{args.random_weights}", options, checkpoint=args.checkpoint)
-        return module.run(args, LLM.from_engine(engine))
-    return module.run(args, LLM(args.model, **vars(options)))
+        llm = LLM.from_engine(
+            build_engine(f"random:{args.random_weights}", options, checkpoint=args.checkpoint)
+        )
+    else:
+        llm = LLM(args.model, **vars(options))
+    gc.freeze()  # as `serve` does: start-up objects stay out of the collector's passes during the run
+    return module.run(args, llm)

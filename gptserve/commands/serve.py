@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -151,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
         template_source = "none (chat completions answer 400; pass --chat-template)"
     llm = async_engine.engine
     print(_banner(llm, config.served_model_names, args, template_source, registry), flush=True)
+    # What start-up built (modules, weights, tokenizers, routes) lives as long as the server: keep it out
+    # of the cyclic garbage collector's full passes, which would otherwise walk it in the middle of steps.
+    gc.freeze()
 
     log_level = getattr(args, "log_level", "info")
     server = DrainingServer(

@@ -30,6 +30,7 @@ from gptserve.parallel.launcher import TensorParallelWorld, current_world, rank_
 from gptserve.parallel.sharding import check_tensor_parallel
 from gptserve.parallel.worker import serve_steps
 from gptserve.progress import progress_bar, progress_quiet
+from gptserve.tuning.gemm_tuner import load_tuning
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,6 +184,8 @@ def build_engine(
         raise GptServeError("a tensor-parallel group is running in this process; shut it down first")
     try:
         net = load_model(checkpoint, model_config, device, dtype, opts)
+        if device.type == "cuda":  # `gptserve tune`'s file beside the model, before any GEMM runs
+            load_tuning(model, device)
         if parallel_state.rank() != 0:
             _serve_worker(net, model_config, device, dtype)
     except BaseException:

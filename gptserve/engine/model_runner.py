@@ -120,14 +120,17 @@ class ModelRunner:
             seq, n = item.seq, item.num_new_tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             offset = len(step.input_ids)
-            step.input_ids.extend(seq.token_ids[start:end])
-            step.positions.extend(range(start, end))
             block_ids = seq.block_ids
-            step.slot_mapping.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1:
-                step.decode_tables.append(block_ids[: (end - 1) // bs + 1])
+            if n == 1:  # a decode token: the common case, kept to a few appends
+                step.input_ids.append(seq.token_ids[start])
+                step.positions.append(start)
+                step.slot_mapping.append(block_ids[start // bs] * bs + start % bs)
+                step.decode_tables.append(block_ids[: start // bs + 1])
                 step.decode_lens.append(end)
             else:
+                step.input_ids.extend(seq.token_ids[start:end])
+                step.positions.extend(range(start, end))
+                step.slot_mapping.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
                 step.prefills.append((offset, n, end, block_ids[: (end - 1) // bs + 1]))
             if item.sample:
                 step.logits_rows.append(offset + n - 1)

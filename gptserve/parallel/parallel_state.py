@@ -10,7 +10,9 @@ a GPU stream and a worker can wait for the next step for as long as the server s
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
@@ -81,6 +83,21 @@ def destroy_process_group() -> None:
     if _world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     _rank, _world_size, _local_rank, _control_group = 0, 1, 0, None
+
+
+@contextlib.contextmanager
+def assumed_world(size: int) -> Iterator[None]:
+    """Build-time only: layers constructed inside see rank 0 of a world of `size` (no process group), to
+    learn one rank's shard shapes, e.g. on the meta device for GEMM tuning."""
+    global _world_size
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError("a tensor-parallel group is running in this process")
+    previous = _world_size
+    _world_size = size
+    try:
+        yield
+    finally:
+        _world_size = previous
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,59 @@
+"""`gptserve tune MODEL`: tune the model's GEMMs on this GPU (the `gpt_gemm` step of the Triton +
+FasterTransformer tutorial) and write the tuning file beside the model, which `serve` then loads."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gptserve.errors import GptServeError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="tune the model's GEMMs on this GPU; writes the tuning file beside it")
+    p.add_argument("model", help="HF directory, .gguf file or converted directory")
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="decode batch sizes, comma-separated (default: the CUDA-graph sizes up to --max-num-seqs)",
+    )
+    p.add_argument("--max-input-len", type=int, default=128, help="longest prompt a lone request sends")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--tensor-parallel-size", type=int, default=None, help="default: the checkpoint's split")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--output", default=None, help="directory for the tuning file (default: the model's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptserve.config import ModelConfig
+    from gptserve.engine.builder import resolve_dtype
+    from gptserve.loading.checkpoint import load_checkpoint
+    from gptserve.tuning.gemm_shapes import decode_row_counts, model_gemm_shapes, prefill_row_counts
+    from gptserve.tuning.gemm_tuner import step_estimates, tune_gemms, tuning_dir
+
+    if not torch.cuda.is_available():
+        raise GptServeError("tune needs a CUDA device: it times this GPU's GEMMs (nothing to tune on CPU)")
+    if not Path(args.model).exists():
+        raise GptServeError(f"model {args.model!r} does not exist")
+    checkpoint = load_checkpoint(args.model)
+    config = ModelConfig.from_hf(checkpoint.hf_config)
+    tp = args.tensor_parallel_size or checkpoint.tensor_parallel_size or 1
+    device = torch.device("cuda")
+    dtype = resolve_dtype(args.dtype, device)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
+    rows = sorted(
+        set(decode_row_counts(args.max_num_seqs, batch_sizes))
+        | set(prefill_row_counts(args.max_input_len, args.max_num_batched_tokens))
+    )
+    shapes = model_gemm_shapes(config, tp)
+    out_dir = Path(args.output) if args.output else tuning_dir(args.model)
+    tuned = tune_gemms(shapes, rows, dtype, out_dir, device)
+    print(f"tuned {len(tuned)} GEMMs ({len(shapes)} weight shapes x {len(rows)} row counts) into {out_dir}")
+    print(f"{'rows':>6}  {'cuBLAS default':>15}  {'tuned':>10}  speed-up  (GEMM time of one forward pass)")
+    for m, entry in sorted(step_estimates(tuned).items(), key=lambda kv: int(kv[0])):
+        default, best = entry["default_ms"], entry["tuned_ms"]
+        print(f"{m:>6}  {default:>12.3f} ms  {best:>7.3f} ms  {default / best:7.2f}x")
+    return 0
