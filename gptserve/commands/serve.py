@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     registry = ModelRegistry(
         [Path(d) for d in args.model_repository], options, explicit=args.model_control_mode == "explicit"
     )
-    registry.load_all()
+    registry.load_all(engines_after=0 if args.model is None else 1)
     repository_llms = registry.llm_engines()
     if args.model is None and repository_llms:
         name, engine = repository_llms[0]

@@ -49,6 +49,9 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int | float | str | None = None  # None: 1 GiB on CPU, what the GPU has left on CUDA
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: the card's share this process uses
+    # CUDA without kv_cache_memory: the part of what is left that this engine's KV cache takes, when the
+    # process builds several engines one after another (a model repository); the last one takes 1.
+    gpu_memory_share: float = 1.0
     block_size: int = 16
     enable_prefix_caching: bool = True
     num_kv_blocks: int | None = None
@@ -290,6 +293,7 @@ def _engine(
                 opts.max_num_seqs,
                 parallel_state.world_size(),
                 opts.gpu_memory_utilization,
+                opts.gpu_memory_share,
             )
             # No more than every sequence at its longest needs: a small model keeps a small cache.
             most = opts.max_num_seqs * -(-max_model_len // opts.block_size) * block_bytes

@@ -4,7 +4,8 @@ On CPU the budget is a fixed 1 GiB (host memory is shared with everything else).
 what is left of `--gpu-memory-utilization` (0.9 by default, the fraction of the card this process may
 use) once the weights are loaded, less the activations of the largest step the scheduler can build and
 a reserve for CUDA graphs and the communication library. Every tensor-parallel rank holds the same
-shard sizes, so rank 0's answer holds for all of them.
+shard sizes, so rank 0's answer holds for all of them. A process that builds several engines (a model
+repository with several LLMs) gives each a share of what is left, so the last one still finds room.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def gpu_kv_budget(
     max_num_seqs: int,
     world_size: int,
     utilization: float,
+    share: float = 1.0,
 ) -> int:
-    """Bytes for the KV cache on `device` (the weights must already be there)."""
+    """Bytes for the KV cache on `device` (the weights must already be there); `share` of what is left
+    when engines still to be built need the rest."""
     if not 0.0 < utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     torch.cuda.synchronize(device)
@@ -54,15 +57,17 @@ def gpu_kv_budget(
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free  # this process's weights and context, and anything else on the card
     activations = activation_bytes(config, dtype, max_num_batched_tokens, max_num_seqs, world_size)
-    budget = int(utilization * total) - in_use - activations - GRAPH_AND_COMM_RESERVE
+    budget = int(share * (int(utilization * total) - in_use - activations - GRAPH_AND_COMM_RESERVE))
     logger.info(
         "GPU memory: %.1f GiB total, %.1f GiB in use after loading, %.1f GiB kept for activations and "
-        "%.1f GiB for graphs and communication: KV cache gets %.1f GiB (gpu_memory_utilization %.2f)",
+        "%.1f GiB for graphs and communication: KV cache gets %.1f GiB (gpu_memory_utilization %.2f, "
+        "share %.2f)",
         total / GiB,
         in_use / GiB,
         activations / GiB,
         GRAPH_AND_COMM_RESERVE / GiB,
         max(budget, 0) / GiB,
         utilization,
+        share,
     )
     return max(budget, 0)

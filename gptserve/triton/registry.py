@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,20 +70,29 @@ def _kind(config: mc.ModelConfig) -> int:
     return 0 if config.backend == "fastertransformer" else 1
 
 
+def _version_count(config: mc.ModelConfig, directory: Path | None) -> int:
+    try:
+        return len(repo.select_versions(config, directory))  # type: ignore[arg-type]
+    except GptServeError:
+        return 0
+
+
 class ModelRegistry:
     """The models of the Triton front-ends (HTTP and gRPC share one registry)."""
 
     def __init__(self, repositories: list[Path], engine_options: EngineOptions, explicit: bool = False):
         self.repositories = [Path(r) for r in repositories]
         self.engine_options = engine_options
+        self._engines_to_build = 0  # LLM engines `load_all` has still to build (GPU memory shares)
         self.explicit = explicit
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._started = False
 
     # ------------------------------------------------------------------------------------- loading
-    def load_all(self) -> None:
-        """Scan the repositories; outside explicit mode, build every model (slow: loads checkpoints)."""
+    def load_all(self, engines_after: int = 0) -> None:
+        """Scan the repositories; outside explicit mode, build every model (slow: loads checkpoints).
+        `engines_after`: engines the caller builds afterwards, which need their share of the GPU too."""
         found = repo.model_directories(self.repositories)
         for name, directories in found.items():
             entry = self._entries.setdefault(name, _Entry(name, directories[0]))
@@ -106,6 +115,10 @@ class ModelRegistry:
             except GptServeError as e:
                 entry.state, entry.reason = UNAVAILABLE, str(e)
                 logger.error("model '%s' is unavailable: %s", entry.name, e)
+        # Each LLM's KV cache takes an equal part of the GPU memory left when it is built.
+        self._engines_to_build = engines_after + sum(
+            _version_count(config, entry.directory) for entry, config in configs if _kind(config) == 0
+        )
         for entry, config in sorted(configs, key=lambda item: _kind(item[1])):
             try:
                 versions = repo.select_versions(config, entry.directory)  # type: ignore[arg-type]
@@ -141,7 +154,9 @@ class ModelRegistry:
             options = repo.ft_engine_options(config, self.engine_options)
             from gptserve.server.async_engine import AsyncEngine
 
-            engine = build_engine(path, options)
+            share = 1.0 / max(self._engines_to_build, 1)
+            self._engines_to_build -= 1
+            engine = build_engine(path, replace(options, gpu_memory_share=share))
             repo.check_model_type(config, engine.model_config.architecture)
             return LLMModel(name, str(version), config, AsyncEngine(engine))
         role = tokenizer_role(config) if config.backend == "python" else None
