@@ -11,7 +11,8 @@
 The sampling scalars keep FasterTransformer's names and each goes in the datatype the model's metadata
 declares. FasterTransformer decodes greedily when top-k and top-p are both 0, so sampling with only a
 temperature sends top-k 0 and top-p 1. Words for `bad_words_list`/`stop_words_list` are tokenized by the
-server's `/tokenize` route (on its HTTP port; `http_url` when talking gRPC).
+server's `/tokenize` route (on its HTTP port; `http_url` when talking gRPC); a text-form model that takes
+`stop_words`/`bad_words` gets them as strings instead.
 """
 
 from __future__ import annotations
@@ -197,7 +198,13 @@ class TritonClient:
             tensors.update(
                 INPUT_2=[[words_csv(options.bad_words)]], INPUT_3=[[words_csv(options.stop_words)]]
             )
-        if model.kind != "ensemble" or as_tokens:
+        if model.kind == "text" and not as_tokens and {"stop_words", "bad_words"} <= set(model.inputs):
+            # The text form takes the words as strings: stop words end the text (left out of it), as
+            # OpenAI's `stop` does, and no round trip to the server's tokenizer is needed.
+            for name, words in (("bad_words", options.bad_words), ("stop_words", options.stop_words)):
+                if words:
+                    tensors[name] = [list(words)]
+        elif model.kind != "ensemble" or as_tokens:
             for name, words in (
                 ("bad_words_list", options.bad_words),
                 ("stop_words_list", options.stop_words),

@@ -118,6 +118,17 @@ def test_token_prompts_bad_and_stop_words_and_beams(capsys, tmp_path, tiny_serve
     assert rc == 0 and len(doc["results"][0]["beams"]) == 2
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_text_prompts_send_stop_words_as_strings(capsys, tiny_server, greedy, protocol):
+    stop = greedy[0][len(greedy[0]) // 2 :].split()[0]
+    rc, doc, err = client(
+        capsys, tiny_server, protocol, "--json", "--max-tokens", "12", "--stop-words", stop, PROMPTS[0]
+    )
+    assert rc == 0, err
+    text = doc["results"][0]["text"]
+    assert stop not in text and greedy[0].startswith(text) and len(text) < len(greedy[0])
+
+
 def test_openai_stop_and_chat(capsys, tiny_server, greedy):
     stop = greedy[0][len(greedy[0]) // 2 :].split()[0]
     rc, doc, _ = client(
