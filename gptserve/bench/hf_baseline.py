@@ -67,7 +67,11 @@ def hf_generate_time(
     return time.perf_counter() - start
 
 
-def release_engine_memory(llm) -> None:
-    """Give the engine's KV cache and CUDA graphs back before a baseline model loads beside it (the
-    weights stay: the random-weight baseline shares them)."""
-    llm.engine.runner.release()
+def hf_batches_time(
+    net: torch.nn.Module, prompts: list[list[int]], batch: int, max_new_tokens: int, **generate_kwargs
+) -> float:
+    """Seconds for `hf_generate_time` over `prompts` in consecutive batches of `batch`."""
+    return sum(
+        hf_generate_time(net, prompts[i : i + batch], max_new_tokens, **generate_kwargs)
+        for i in range(0, len(prompts), batch)
+    )

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
-from gptserve.bench.hf_baseline import baseline_model, hf_generate_time, release_engine_memory
+from gptserve.bench.hf_baseline import baseline_model, hf_generate_time
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import median, random_prompts
 from gptserve.config import parse_dtype
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
         ("achieved bandwidth", f"{gb(achieved)} = {achieved / bandwidth:.0%} of copy bandwidth"),
     ]  # fmt: skip
     if args.baseline == "hf":
-        release_engine_memory(llm)
+        llm.close()  # its KV cache and graphs go back before the baseline loads (the weights stay)
         prompt = prompts[0]
         for name in args.baseline_dtypes.split(","):
             net = baseline_model(args, parse_dtype(name.strip()), device)

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
-from gptserve.bench.hf_baseline import baseline_model, hf_generate_time, release_engine_memory
+from gptserve.bench.hf_baseline import baseline_model, hf_batches_time, hf_generate_time
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import random_prompts
 from gptserve.config import parse_dtype
@@ -105,16 +105,13 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
                      f"{ours['output_tokens_per_s'] / ours['roofline_output_tokens_per_s']:.0%} of roofline"),
     ]  # fmt: skip
     if args.baseline == "hf":
-        release_engine_memory(llm)
+        llm.close()  # its KV cache and graphs go back before the baseline loads (the weights stay)
         hf_prompts = prompts[: args.baseline_num_prompts or len(prompts)]
         batch = args.baseline_batch or len(hf_prompts)
         for name in args.baseline_dtypes.split(","):
             net = baseline_model(args, parse_dtype(name.strip()), device)
             hf_generate_time(net, hf_prompts[:2], 4)  # warm-up
-            seconds = sum(
-                hf_generate_time(net, hf_prompts[i : i + batch], args.output_len)
-                for i in range(0, len(hf_prompts), batch)
-            )
+            seconds = hf_batches_time(net, hf_prompts, batch, args.output_len)
             rate = len(hf_prompts) * args.output_len / seconds
             results[f"hf_{name}"] = {
                 "seconds": seconds,
@@ -151,10 +148,7 @@ def _static_baseline(
         start = time.perf_counter()
         hf_generate_time(net, prompts[:batch], args.output_len, cache_implementation="static")
         warm = time.perf_counter() - start
-        seconds = sum(
-            hf_generate_time(net, prompts[i : i + batch], args.output_len, cache_implementation="static")
-            for i in range(0, len(prompts), batch)
-        )
+        seconds = hf_batches_time(net, prompts, batch, args.output_len, cache_implementation="static")
     except Exception as e:  # a transformers version or model that cannot compile: report it
         results[key] = {"error": f"{type(e).__name__}: {e}"}
         rows.append((f"HF generate {name} static", f"failed: {type(e).__name__}: {str(e)[:200]}"))

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from gptserve.tuning.gemm_shapes import decode_row_counts, model_gemm_shapes, prefill_row_counts
     from gptserve.tuning.gemm_tuner import step_estimates, tune_gemms, tuning_dir
 
+    batch_sizes = _batch_sizes(args.batch_sizes)
     if not torch.cuda.is_available():
         raise GptServeError("tune needs a CUDA device: it times this GPU's GEMMs (nothing to tune on CPU)")
     if not Path(args.model).exists():
@@ -43,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     tp = args.tensor_parallel_size or checkpoint.tensor_parallel_size or 1
     device = torch.device("cuda")
     dtype = resolve_dtype(args.dtype, device)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
     rows = sorted(
         set(decode_row_counts(args.max_num_seqs, batch_sizes))
         | set(prefill_row_counts(args.max_input_len, args.max_num_batched_tokens))
@@ -57,3 +57,15 @@ def run(args: argparse.Namespace) -> int:
         default, best = entry["default_ms"], entry["tuned_ms"]
         print(f"{m:>6}  {default:>12.3f} ms  {best:>7.3f} ms  {default / best:7.2f}x")
     return 0
+
+
+def _batch_sizes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise GptServeError(f"--batch-sizes must be integers separated by commas, got {text!r}") from None
+    if min(sizes) < 1:
+        raise GptServeError(f"--batch-sizes must be positive, got {text!r}")
+    return sizes

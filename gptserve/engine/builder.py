@@ -17,6 +17,7 @@ from gptserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCon
 from gptserve.engine.kv_budget import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     DEFAULT_GPU_MEMORY_UTILIZATION,
+    GiB,
     gpu_kv_budget,
 )
 from gptserve.engine.llm_engine import LLMEngine
@@ -34,8 +35,6 @@ from gptserve.tuning.gemm_tuner import load_tuning
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-GiB = 1 << 30
 
 
 @dataclass

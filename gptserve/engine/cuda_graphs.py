@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -145,13 +146,7 @@ class CudaGraphRunner:
         for batch in reversed(self.batch_sizes):
             graph = _Graph(batch, self.width, device)
             graph.lens.fill_(1)  # warm-up and capture attend to one cached token (block 0)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self._forward(graph)  # compiles the kernels and sets up cuBLAS outside the capture
-            torch.cuda.current_stream(device).wait_stream(stream)
-            torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph.graph, pool=pool, stream=stream, capture_error_mode=mode):
-                graph.logits = self._forward(graph)
+            graph.logits = self._record(graph.graph, lambda g=graph: self._forward(g), pool, stream, mode)
             pool = graph.graph.pool()
             self.graphs[batch] = graph
         for tokens in reversed(self.prefill_sizes):
@@ -159,16 +154,31 @@ class CudaGraphRunner:
             graph.length.fill_(tokens)
             graph.row.fill_(tokens - 1)
             graph.slots.fill_(-1)  # warm-up and capture write nothing to the cache
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self._prefill_forward(graph)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            torch.cuda.synchronize(device)
-            with torch.cuda.graph(graph.graph, pool=pool, stream=stream, capture_error_mode=mode):
-                graph.logits = self._prefill_forward(graph)
+            graph.logits = self._record(
+                graph.graph, lambda g=graph: self._prefill_forward(g), pool, stream, mode
+            )
             self.prefill_graphs[tokens] = graph
         torch.cuda.synchronize(device)
         return time.perf_counter() - start
+
+    def _record(
+        self,
+        cuda_graph: torch.cuda.CUDAGraph,
+        forward: Callable[[], torch.Tensor],
+        pool: Any,
+        stream: torch.cuda.Stream,
+        mode: str,
+    ) -> torch.Tensor:
+        """Run `forward` once on `stream` (compiling kernels and setting up cuBLAS outside the capture),
+        then capture it into `cuda_graph`; returns the captured output."""
+        device = self.runner.device
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        with torch.cuda.graph(cuda_graph, pool=pool, stream=stream, capture_error_mode=mode):
+            return forward()
 
     def _forward(self, graph: _Graph) -> torch.Tensor:
         model = self.runner.model

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from gptserve.config import ModelConfig
+from gptserve.errors import GptServeError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def gpu_kv_budget(
     """Bytes for the KV cache on `device` (the weights must already be there); `share` of what is left
     when engines still to be built need the rest."""
     if not 0.0 < utilization <= 1.0:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+        raise GptServeError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)

@@ -70,13 +70,6 @@ def _kind(config: mc.ModelConfig) -> int:
     return 0 if config.backend == "fastertransformer" else 1
 
 
-def _version_count(config: mc.ModelConfig, directory: Path | None) -> int:
-    try:
-        return len(repo.select_versions(config, directory))  # type: ignore[arg-type]
-    except GptServeError:
-        return 0
-
-
 class ModelRegistry:
     """The models of the Triton front-ends (HTTP and gRPC share one registry)."""
 
@@ -106,26 +99,21 @@ class ModelRegistry:
                 )
         if self.explicit:
             return
-        configs: list[tuple[_Entry, mc.ModelConfig]] = []
+        loadable: list[tuple[_Entry, mc.ModelConfig, list[int]]] = []
         for entry in self._entries.values():
             if entry.directory is None or entry.state == UNAVAILABLE:
                 continue
             try:
-                configs.append((entry, repo.read_config(entry.directory, entry.name)))
+                config = repo.read_config(entry.directory, entry.name)
+                loadable.append((entry, config, repo.select_versions(config, entry.directory)))
             except GptServeError as e:
                 entry.state, entry.reason = UNAVAILABLE, str(e)
                 logger.error("model '%s' is unavailable: %s", entry.name, e)
         # Each LLM's KV cache takes an equal part of the GPU memory left when it is built.
         self._engines_to_build = engines_after + sum(
-            _version_count(config, entry.directory) for entry, config in configs if _kind(config) == 0
+            len(versions) for _, config, versions in loadable if _kind(config) == 0
         )
-        for entry, config in sorted(configs, key=lambda item: _kind(item[1])):
-            try:
-                versions = repo.select_versions(config, entry.directory)  # type: ignore[arg-type]
-            except GptServeError as e:
-                entry.state, entry.reason = UNAVAILABLE, str(e)
-                logger.error("model '%s' is unavailable: %s", entry.name, e)
-                continue
+        for entry, config, versions in sorted(loadable, key=lambda item: _kind(item[1])):
             for version in versions:
                 entry.versions[str(version)] = self._build_version(entry, config, version)
 

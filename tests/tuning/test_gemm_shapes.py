@@ -65,3 +65,11 @@ def test_tune_without_a_gpu_says_so(tmp_path, capsys):
     assert "tune needs a CUDA device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert load_tuning(tmp_path, torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("1,x", "must be integers separated by commas"), ("4,0", "must be positive")]
+)
+def test_tune_refuses_bad_batch_sizes(tmp_path, capsys, value, message):
+    assert main(["tune", str(tmp_path), "--batch-sizes", value]) == 2
+    assert f"--batch-sizes {message}" in capsys.readouterr().err
