@@ -9,6 +9,7 @@ from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
 from gptserve.bench.hf_baseline import baseline_model, hf_generate_time
+from gptserve.bench.kernel_profile import profiled
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import median, random_prompts
 from gptserve.config import parse_dtype
@@ -27,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline-static",
         action="store_true",
         help='also time HF generate with cache_implementation="static" (compiled by transformers)',
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed runs, profile one more request and show its device time per step by kind "
+        "(matmul, attention, communication, other)",
     )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
 
@@ -100,6 +107,14 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
          f"{results['tokens_per_s']:.1f} tok/s ({total / args.output_len * 1e3:.2f} ms/token)"),
         ("achieved bandwidth", f"{gb(achieved)} = {achieved / bandwidth:.0%} of copy bandwidth"),
     ]  # fmt: skip
+    if args.profile:
+        engine = llm.engine
+        with profiled(device) as profile:
+            before = engine.num_steps
+            measure_request(llm, prompts[0], args.output_len)
+            profile.steps = engine.num_steps - before
+        rows += profile.rows()
+        results["profile"] = profile.as_dict()
     if args.baseline == "hf":
         llm.close()  # its KV cache and graphs go back before the baseline loads (the weights stay)
         prompt = prompts[0]

@@ -10,6 +10,7 @@ from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
 from gptserve.bench.hf_baseline import baseline_model, hf_batches_time, hf_generate_time
+from gptserve.bench.kernel_profile import profiled
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import random_prompts
 from gptserve.config import parse_dtype
@@ -35,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline-static",
         action="store_true",
         help='also time HF generate with cache_implementation="static" (compiled by transformers)',
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed run, profile the first --max-num-seqs prompts again and show the device "
+        "time per step by kind (matmul, attention, communication, other)",
     )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
 
@@ -104,6 +111,14 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
         ("gptserve", f"{ours['output_tokens_per_s']:.1f} output tok/s ({ours['seconds']:.2f} s), "
                      f"{ours['output_tokens_per_s'] / ours['roofline_output_tokens_per_s']:.0%} of roofline"),
     ]  # fmt: skip
+    if args.profile:
+        engine = llm.engine
+        with profiled(device) as profile:
+            before = engine.num_steps
+            run_offline(llm, prompts[: results["max_num_seqs"]], params)
+            profile.steps = engine.num_steps - before
+        rows += profile.rows()
+        results["profile"] = profile.as_dict()
     if args.baseline == "hf":
         llm.close()  # its KV cache and graphs go back before the baseline loads (the weights stay)
         hf_prompts = prompts[: args.baseline_num_prompts or len(prompts)]

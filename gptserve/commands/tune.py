@@ -23,6 +23,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="default: the checkpoint's split")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     p.add_argument("--output", default=None, help="directory for the tuning file (default: the model's)")
+    p.add_argument(
+        "--keep",
+        choices=["winners", "all"],
+        default="winners",
+        help="winners: keep a pick only where it beats cuBLAS's default by 2%% (timed again in CUDA "
+        "graphs); all: keep every pick",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from gptserve.engine.builder import resolve_dtype
     from gptserve.loading.checkpoint import load_checkpoint
     from gptserve.tuning.gemm_shapes import decode_row_counts, model_gemm_shapes, prefill_row_counts
-    from gptserve.tuning.gemm_tuner import step_estimates, tune_gemms, tuning_dir
+    from gptserve.tuning.gemm_tuner import MIN_GAIN, step_estimates, tune_gemms, tuning_dir
 
     batch_sizes = _batch_sizes(args.batch_sizes)
     if not torch.cuda.is_available():
@@ -50,8 +57,13 @@ def run(args: argparse.Namespace) -> int:
     )
     shapes = model_gemm_shapes(config, tp)
     out_dir = Path(args.output) if args.output else tuning_dir(args.model)
-    tuned = tune_gemms(shapes, rows, dtype, out_dir, device)
-    print(f"tuned {len(tuned)} GEMMs ({len(shapes)} weight shapes x {len(rows)} row counts) into {out_dir}")
+    min_gain = MIN_GAIN if args.keep == "winners" else -float("inf")
+    tuned = tune_gemms(shapes, rows, dtype, out_dir, device, min_gain=min_gain)
+    kept = sum(t.kept for t in tuned)
+    print(
+        f"tuned {len(tuned)} GEMMs ({len(shapes)} weight shapes x {len(rows)} row counts) into {out_dir}: "
+        f"{kept} picks kept, cuBLAS's default serves the other {len(tuned) - kept}"
+    )
     print(f"{'rows':>6}  {'cuBLAS default':>15}  {'tuned':>10}  speed-up  (GEMM time of one forward pass)")
     for m, entry in sorted(step_estimates(tuned).items(), key=lambda kv: int(kv[0])):
         default, best = entry["default_ms"], entry["tuned_ms"]

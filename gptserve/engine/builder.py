@@ -198,9 +198,9 @@ def build_engine(
         _leave_as_worker(world, device)
     try:
         engine = _engine(model, opts, checkpoint, model_config, net, device, dtype)
-        # Under tensor parallelism the graphs capture the all-reduces too and replay correctly, but NCCL's
-        # teardown after such a capture does not finish yet: tensor-parallel engines stay eager.
-        graphs = device.type == "cuda" and not opts.enforce_eager and parallel_state.world_size() == 1
+        # Under tensor parallelism the graphs capture the all-reduces too; they are released before the
+        # world's teardown, which waits for them.
+        graphs = device.type == "cuda" and not opts.enforce_eager
         layout = _RunnerLayout(
             engine.config.cache.num_blocks,
             engine.config.cache.block_size,
@@ -208,6 +208,7 @@ def build_engine(
             opts.max_num_seqs if graphs else None,
         )
         if world is not None:  # the workers size their caches and capture their graphs alongside
+            world.before_leave.append(engine.runner.release)
             parallel_state.broadcast_object(layout)
         if layout.graph_max_num_seqs is not None:
             from gptserve.engine.cuda_graphs import capture_decode_graphs

@@ -5,7 +5,8 @@ graph reads sits in one static int64 device buffer per size (token ids, position
 lengths, block tables), filled by a single host-to-device copy before the replay. Padding is explicit:
 a padding row has token 0 at position 0, cache slot -1 (the KV write skips it) and context length 0
 (the attention kernel writes zeros), and its logits are dropped. Block tables are as wide as the
-longest sequence allowed (`max_model_len`), so one graph serves every context length.
+longest sequence allowed (`max_model_len`), so one graph serves every context length; a step fills
+only the columns its sequences use.
 
 In half precision a step that is one whole prompt (or a prompt's first chunk) with nothing cached before
 it and nothing else scheduled, the usual first step of a lone request, replays a prefill graph of the
@@ -56,19 +57,23 @@ class _Graph:
         meta.decode_context_lens_device = self.lens
         return meta
 
-    def host_inputs(self, step: StepInputs) -> list[int]:
-        """The step's inputs, padded to this graph's batch, in the layout of `inputs`."""
-        pad = self.batch - len(step.input_ids)
+    def load(self, step: StepInputs) -> None:
+        """Copy the step's inputs into the graph's buffers, padded to this graph's batch.
+
+        Only the block-table columns the step uses are copied: entries left from earlier steps beyond a
+        sequence's own blocks are never read, since the attention stops at its context length. A 512-row
+        step with short contexts copies a few thousand ints instead of 512 x `width`."""
+        n = len(step.input_ids)
+        pad = self.batch - n
         flat = step.input_ids + [0] * pad
         flat += step.positions + [0] * pad
         flat += step.slot_mapping + [-1] * pad
         flat += step.decode_lens + [0] * pad
-        width = self.width
-        for table in step.decode_tables:
-            flat += table
-            flat += [0] * (width - len(table))
-        flat += [0] * (width * pad)
-        return flat
+        self.inputs[: 4 * self.batch].copy_(torch.tensor(flat, dtype=torch.long), non_blocking=True)
+        tables = step.decode_tables
+        used = max(len(table) for table in tables)
+        rows = [table + [0] * (used - len(table)) for table in tables]
+        self.tables[:n, :used].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
 
 
 class _PrefillGraph:
@@ -225,7 +230,7 @@ class CudaGraphRunner:
             self.replays["prefill"] += 1
             return prefill.logits.clone()
         graph = self.graphs[self._size_for[n]]
-        graph.inputs.copy_(torch.tensor(graph.host_inputs(step), dtype=torch.long), non_blocking=True)
+        graph.load(step)
         graph.graph.replay()
         self.replays["decode"] += 1
         return graph.logits[:n].clone()

@@ -58,6 +58,7 @@ class LLMEngine:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids)
         self.num_generated_tokens = 0
+        self.num_steps = 0  # steps that ran the model
         self.num_prompt_tokens = 0
 
     # ----------------------------------------------------------------------------------------- requests
@@ -163,6 +164,7 @@ class LLMEngine:
         self._finished_outside_step = []
         deltas: dict[int, list[int]] = {}
         if out.scheduled:
+            self.num_steps += 1
             logits, entries = self.runner.execute(out.scheduled, out.block_copies)
             for item in out.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens

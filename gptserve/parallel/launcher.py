@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
@@ -41,9 +42,12 @@ class TensorParallelWorld:
     rank: int
     workers: list[BaseProcess] = field(default_factory=list)  # spawned ranks 1..N-1 (rank 0 only)
     stopping: threading.Event = field(default_factory=threading.Event)
+    # run before leaving the process group: release what holds its communicators (captured CUDA graphs)
+    before_leave: list[Callable[[], None]] = field(default_factory=list)
 
     def shutdown(self) -> None:
-        """Stop the workers (rank 0 broadcasts the stop message) and leave the process group."""
+        """Stop the workers (rank 0 broadcasts the stop message), release what `before_leave` names, and
+        leave the process group."""
         global _world
         if self.stopping.is_set():
             return
@@ -59,6 +63,8 @@ class TensorParallelWorld:
                 logger.error("tensor-parallel worker %s did not exit; killing it", proc.name)
                 proc.kill()
                 proc.join(5)
+        for release in self.before_leave:
+            release()
         parallel_state.destroy_process_group()
         _world = None
 

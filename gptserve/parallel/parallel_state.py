@@ -11,7 +11,9 @@ a GPU stream and a worker can wait for the next step for as long as the server s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -22,6 +24,11 @@ import torch.distributed as dist
 CONTROL_TIMEOUT = timedelta(days=365)
 # Collectives inside a step finish in milliseconds; a peer that stops answering mid-step is dead.
 DATA_TIMEOUT = timedelta(minutes=10)
+# NCCL's teardown waits for peers and for every CUDA graph that captured one of its collectives; past this
+# the process leaves the communicator to the driver instead of hanging on its way out.
+TEARDOWN_TIMEOUT_S = 15.0
+
+logger = logging.getLogger(__name__)
 
 _rank = 0
 _world_size = 1
@@ -78,10 +85,25 @@ def init_from_torchrun(device_type: str) -> None:
 
 
 def destroy_process_group() -> None:
-    """Leave the world (a no-op for a world of one); accessors answer rank 0 of 1 afterwards."""
+    """Leave the world (a no-op for a world of one); accessors answer rank 0 of 1 afterwards.
+
+    Drop every CUDA graph that captured a collective first: NCCL's teardown waits until they are gone.
+    The teardown runs on a daemon thread and is given up after `TEARDOWN_TIMEOUT_S` (logged), so a peer
+    that left without its own teardown cannot hang this process."""
     global _rank, _world_size, _local_rank, _control_group
     if _world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        done = threading.Event()
+
+        def teardown() -> None:
+            dist.destroy_process_group()
+            done.set()
+
+        threading.Thread(target=teardown, name="gptserve-tp-teardown", daemon=True).start()
+        if not done.wait(TEARDOWN_TIMEOUT_S):
+            logger.warning(
+                "tensor-parallel teardown did not finish in %.0f s; leaving the communicator to the driver",
+                TEARDOWN_TIMEOUT_S,
+            )
     _rank, _world_size, _local_rank, _control_group = 0, 1, 0, None
 
 

@@ -1,5 +1,5 @@
 """Tensor parallelism on two GPUs over NCCL: two ranks generate what one GPU generates (graphs on one
-GPU, eager steps on two), and closing the engine ends the worker promptly (needs 2 GPUs)."""
+GPU and on two, graphs on both), and closing the engine ends the worker promptly (needs 2 GPUs)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,100 @@
+"""Where a benchmark's device time goes: the operations of a profiled window grouped into matmuls,
+attention, communication between tensor-parallel ranks and the rest, per engine step.
+
+On CUDA the profiler records the GPU kernels (those replayed from CUDA graphs included) and each kernel's
+own time counts once. On a CPU the operators' self CPU time stands in for it. Only this process is
+profiled: under tensor parallelism, rank 0, whose collectives take as long as the slowest rank's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+# (kind, lower-case name fragments), first match wins: communication kernels also name a reduction.
+KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("communication", ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "broadcast", "gloo")),
+    ("attention", ("attention", "attn", "flash", "fmha", "paged_decode", "combine_splits", "write_kv")),
+    (
+        "matmul",
+        ("gemm", "gemv", "matmul", "cutlass", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm"),
+    ),
+)
+OTHER = "other"
+
+
+def kind_of(name: str) -> str:
+    """The kind of one kernel or operator, by its name."""
+    lowered = name.lower()
+    for kind, fragments in KINDS:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    return OTHER
+
+
+@dataclass
+class KernelTimes:
+    """Device (or CPU) microseconds by kind over the profiled window, and how many steps it held."""
+
+    device: str
+    micros: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.micros.values()) / 1e3
+
+    def per_step_ms(self, kind: str) -> float:
+        return self.micros.get(kind, 0.0) / 1e3 / max(self.steps, 1)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Table rows: time per step by kind, with its share of the total."""
+        unit = "GPU kernels" if self.device == "cuda" else "CPU operators"
+        rows = [
+            (f"profile ({unit})", f"{self.steps} steps, {self.total_ms / max(self.steps, 1):.3f} ms a step")
+        ]
+        total = sum(self.micros.values()) or 1.0
+        for kind in [k for k, _ in KINDS] + [OTHER]:
+            if kind in self.micros:
+                rows.append(
+                    (
+                        f"  {kind}",
+                        f"{self.per_step_ms(kind):.3f} ms a step ({self.micros[kind] / total:.0%}), "
+                        f"{self.calls[kind] / max(self.steps, 1):.1f} calls a step",
+                    )
+                )
+        return rows
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "device": self.device,
+            "steps": self.steps,
+            "ms_per_step": {kind: self.per_step_ms(kind) for kind in self.micros},
+            "calls": dict(self.calls),
+        }
+
+
+@contextlib.contextmanager
+def profiled(device: torch.device) -> Iterator[KernelTimes]:
+    """Profile the block; the yielded `KernelTimes` is filled when it ends (set its `steps` inside)."""
+    cuda = device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    times = KernelTimes("cuda" if cuda else "cpu")
+    with torch.profiler.profile(activities=[activity]) as prof:
+        yield times
+        if cuda:
+            torch.cuda.synchronize(device)
+    wanted = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    for event in prof.key_averages():
+        if event.device_type != wanted:
+            continue
+        micros = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if micros <= 0:
+            continue
+        kind = kind_of(event.key)
+        times.micros[kind] = times.micros.get(kind, 0.0) + micros
+        times.calls[kind] = times.calls.get(kind, 0) + event.count
