@@ -3,7 +3,8 @@
 Two ways in. Launched by `torchrun` (RANK and WORLD_SIZE set), the world is torchrun's: every process
 runs the same command, rank 0 serves and the others run the worker loop. Otherwise rank 0 is this
 process and it spawns the other N-1 ranks on this machine (`torch.multiprocessing`, spawn start method),
-which join over a TCP rendezvous on the loopback interface.
+which join over a TCP rendezvous on the loopback interface and take their step messages from a
+shared-memory channel (`step_channel`).
 
 A spawned worker that dies fails the whole group loudly: gloo collectives raise when a peer's socket
 closes, and a watchdog thread on rank 0 reports the worker's exit code and ends the process, which is
@@ -28,6 +29,7 @@ import torch.multiprocessing as mp
 
 from gptserve.errors import GptServeError
 from gptserve.parallel import parallel_state
+from gptserve.parallel.step_channel import StepChannel
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +122,13 @@ def start_world(
         from gptserve.parallel.worker import worker_main
 
         init_method = f"tcp://127.0.0.1:{_free_port()}"
+        channel = _step_channel(world_size)
         ctx = mp.get_context("spawn")
         workers = []
         for rank in range(1, world_size):
             proc = ctx.Process(
                 target=worker_main,
-                args=(rank, world_size, init_method, model, options),
+                args=(rank, world_size, init_method, model, options, channel and channel.name),
                 name=f"gptserve-tp-rank{rank}",
                 daemon=True,
             )
@@ -134,6 +137,8 @@ def start_world(
         _world = TensorParallelWorld(world_size, 0, workers)
         threading.Thread(target=_world._watch, name="gptserve-tp-watchdog", daemon=True).start()
         parallel_state.init_process_group(0, world_size, device.type, init_method)
+        if channel is not None:
+            parallel_state.use_step_channel(channel, lambda: all(p.is_alive() for p in workers))
     atexit.register(shutdown_world)
     return _world
 
@@ -149,6 +154,16 @@ def rank_device(device: torch.device) -> torch.device:
     if device.type != "cuda" or parallel_state.world_size() == 1:
         return device
     return torch.device("cuda", parallel_state.local_rank())
+
+
+def _step_channel(world_size: int) -> StepChannel | None:
+    """The shared-memory channel to the workers about to be spawned; None (gloo carries the steps) where
+    this machine cannot make one."""
+    try:
+        return StepChannel.create(world_size - 1)
+    except OSError as e:
+        logger.warning("no shared memory for the tensor-parallel step channel (%s); steps go over gloo", e)
+        return None
 
 
 def _free_port() -> int:

@@ -4,8 +4,9 @@ A world of one never touches `torch.distributed`: every accessor answers from mo
 layers are built as plain `nn.Linear` / `nn.Embedding`. A larger world is one process per rank, joined
 either from `torchrun`'s environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or by
 workers this process spawned on one machine. Tensors move over NCCL on CUDA and gloo on CPU; the step
-messages rank 0 broadcasts (plain Python objects) always travel over a gloo group, so they never occupy
-a GPU stream and a worker can wait for the next step for as long as the server stays idle.
+messages rank 0 broadcasts (plain Python objects) never occupy a GPU stream, so a worker can wait for the
+next step for as long as the server stays idle: they go through a shared-memory ring to workers this
+process spawned (`step_channel`), and over a gloo group otherwise.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from gptserve.parallel.step_channel import StepChannel
 
 # Workers wait in a broadcast between steps; an idle server must not time them out.
 CONTROL_TIMEOUT = timedelta(days=365)
@@ -34,6 +37,14 @@ _rank = 0
 _world_size = 1
 _local_rank = 0
 _control_group: dist.ProcessGroup | None = None
+_channel: StepChannel | None = None  # rank 0's messages to the ranks it spawned
+
+
+def _always() -> bool:
+    return True
+
+
+_peers_alive: Callable[[], bool] = _always
 
 
 def rank() -> int:
@@ -90,7 +101,10 @@ def destroy_process_group() -> None:
     Drop every CUDA graph that captured a collective first: NCCL's teardown waits until they are gone.
     The teardown runs on a daemon thread and is given up after `TEARDOWN_TIMEOUT_S` (logged), so a peer
     that left without its own teardown cannot hang this process."""
-    global _rank, _world_size, _local_rank, _control_group
+    global _rank, _world_size, _local_rank, _control_group, _channel
+    if _channel is not None:
+        _channel.close()
+        _channel = None
     if _world_size > 1 and dist.is_initialized():
         done = threading.Event()
 
@@ -138,10 +152,26 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def use_step_channel(channel: StepChannel, peers_alive: Callable[[], bool] = _always) -> None:
+    """Send (rank 0) or receive (a spawned rank) the broadcast objects through `channel` from now on;
+    `peers_alive` tells whether the processes on the other side still run."""
+    global _channel, _peers_alive
+    _channel, _peers_alive = channel, peers_alive
+
+
 def broadcast_object(obj: object = None) -> object:
-    """Rank 0's `obj`, on every rank (pickled over the gloo control group)."""
+    """Rank 0's `obj`, on every rank (pickled; through the step channel if there is one)."""
     if _world_size == 1:
         return obj
+    if _channel is None:
+        return _gloo_broadcast(obj)
+    if _rank == 0:
+        _channel.send(obj, _gloo_broadcast, _peers_alive)
+        return obj
+    return _channel.receive(_gloo_broadcast, _peers_alive)
+
+
+def _gloo_broadcast(obj: object = None) -> object:
     box = [obj if _rank == 0 else None]
     dist.broadcast_object_list(box, src=0, group=_control_group)
     return box[0]

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,45 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_worker_leaves_when_rank0_is_killed(odd_vocab_models):
+    """A worker waiting on the step channel notices that rank 0's process is gone and exits by itself."""
+    code = f"""
+        import sys, time
+        from gptserve.llm import LLM
+        from gptserve.parallel.launcher import current_world
+        llm = LLM(sys.argv[1], tensor_parallel_size=2, **{ENGINE!r})
+        llm.generate([[1, 2, 3]])
+        print("WORKER", current_world().workers[0].pid, flush=True)
+        time.sleep(120)
+        """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(odd_vocab_models["gpt2"])],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("WORKER"), line
+        worker = int(line.split()[1])
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone: its parent was killed and nobody reaps it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
