@@ -9,6 +9,7 @@ profiled: under tensor parallelism, rank 0, whose collectives take as long as th
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class KernelTimes:
     micros: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     steps: int = 0
+    wall_s: float = 0.0  # the window's wall time, under the profiler
 
     @property
     def total_ms(self) -> float:
@@ -54,8 +56,16 @@ class KernelTimes:
     def rows(self) -> list[tuple[str, str]]:
         """Table rows: time per step by kind, with its share of the total."""
         unit = "GPU kernels" if self.device == "cuda" else "CPU operators"
+        steps = max(self.steps, 1)
+        wall_ms = self.wall_s * 1e3 / steps
+        busy = self.total_ms / steps / wall_ms if wall_ms else 0.0
+        idle = "the GPU waits for the host" if self.device == "cuda" else "Python and engine work"
         rows = [
-            (f"profile ({unit})", f"{self.steps} steps, {self.total_ms / max(self.steps, 1):.3f} ms a step")
+            (
+                f"profile ({unit})",
+                f"{self.steps} steps: {self.total_ms / steps:.3f} ms a step busy, {wall_ms:.3f} ms wall "
+                f"({busy:.0%} busy; {idle} the rest)",
+            )
         ]
         total = sum(self.micros.values()) or 1.0
         for kind in [k for k, _ in KINDS] + [OTHER]:
@@ -73,6 +83,7 @@ class KernelTimes:
         return {
             "device": self.device,
             "steps": self.steps,
+            "wall_ms_per_step": self.wall_s * 1e3 / max(self.steps, 1),
             "ms_per_step": {kind: self.per_step_ms(kind) for kind in self.micros},
             "calls": dict(self.calls),
         }
@@ -85,9 +96,11 @@ def profiled(device: torch.device) -> Iterator[KernelTimes]:
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     times = KernelTimes("cuda" if cuda else "cpu")
     with torch.profiler.profile(activities=[activity]) as prof:
+        start = time.perf_counter()
         yield times
         if cuda:
             torch.cuda.synchronize(device)
+        times.wall_s = time.perf_counter() - start
     wanted = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     for event in prof.key_averages():
         if event.device_type != wanted:
