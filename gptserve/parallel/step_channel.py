@@ -70,11 +70,10 @@ class StepChannel:
         """A reader's side of the writer's buffer `name`."""
         if sys.version_info >= (3, 13):
             shm = shared_memory.SharedMemory(name=name, track=False)
-        else:  # the writer owns the buffer: this process must not unlink it when it exits
-            from multiprocessing import resource_tracker
-
+        else:
+            # Attaching registers the buffer with the resource tracker, which a spawned process shares
+            # with its parent; the writer's unlink unregisters it once for both.
             shm = shared_memory.SharedMemory(name=name)
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         return cls(shm, num_readers, reader)
 
     @property
