@@ -17,8 +17,14 @@ from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
+from gptserve.parallel import parallel_state
 from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
-from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
+from gptserve.parallel.linear import (
+    column_parallel_linear,
+    defer_reduction,
+    divide,
+    row_parallel_linear,
+)
 
 
 class GPTNeoXAttention(nn.Module):
@@ -56,11 +62,13 @@ class GPTNeoXLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.attention = GPTNeoXAttention(config, rotary_emb)
         self.mlp = GPTNeoXMLP(config)
+        if self.use_parallel_residual:  # one all-reduce for both, below
+            defer_reduction(self.attention.dense, self.mlp.dense_4h_to_h)
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         attn = self.attention(rope, self.input_layernorm(x))
         if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return self.mlp(self.post_attention_layernorm(x)) + attn + x
+            return parallel_state.all_reduce(self.mlp(self.post_attention_layernorm(x)) + attn) + x
         h = attn + x
         return self.mlp(self.post_attention_layernorm(h)) + h
 

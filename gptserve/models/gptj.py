@@ -15,8 +15,14 @@ from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
+from gptserve.parallel import parallel_state
 from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
-from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
+from gptserve.parallel.linear import (
+    column_parallel_linear,
+    defer_reduction,
+    divide,
+    row_parallel_linear,
+)
 
 
 class GPTJAttention(nn.Module):
@@ -52,10 +58,11 @@ class GPTJBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.attn = GPTJAttention(config, rotary_emb)
         self.mlp = GPTJMLP(config)
+        defer_reduction(self.attn.out_proj, self.mlp.fc_out)  # one all-reduce for both, below
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        return self.attn(rope, h) + self.mlp(h) + x
+        return parallel_state.all_reduce(self.attn(rope, h) + self.mlp(h)) + x
 
 
 class GPTJModel(nn.Module):

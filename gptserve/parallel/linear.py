@@ -3,7 +3,9 @@
 A column-parallel layer needs no communication: its output stays split, one slice of heads or of the
 MLP's intermediate features per rank, which is what the attention and activation that follow consume. The
 row-parallel layer after them sums the ranks' partial products with one all-reduce and adds its bias once,
-after the sum. So each transformer block costs two all-reduces (attention output, MLP output).
+after the sum. So each transformer block costs two all-reduces (attention output, MLP output), except in
+blocks with a parallel residual (GPT-J, GPT-NeoX): x + attn(..) + mlp(..) sums the two partial outputs
+first and reduces once (`defer_reduction`), which halves the block's communication.
 
 Both are built by functions that take the full sizes and return a plain `nn.Linear` in a world of one,
 so single-rank models are exactly what they were. Weight-only quantization swaps the GEMM of a
@@ -41,20 +43,38 @@ def row_parallel_linear(in_features: int, out_features: int, bias: bool = True) 
     return uninitialized(cls, local_in, out_features, bias=bias)
 
 
+def defer_reduction(*layers: nn.Module) -> None:
+    """Make row-parallel `layers` return this rank's partial product (the bias on rank 0 only), for a
+    caller that sums them with others and reduces once. No-op for plain layers (a world of one)."""
+    for layer in layers:
+        if isinstance(layer, RowParallelLinear | ReducedLinear):
+            layer.reduce = False
+
+
 class RowParallelLinear(nn.Linear):
-    """y = all_reduce(x_r @ W_r^T) + b: the partial products summed over the ranks, the bias added once."""
+    """y = all_reduce(x_r @ W_r^T) + b: the partial products summed over the ranks, the bias added once.
+    With `reduce` off, the partial product alone (rank 0 adds the bias): the caller reduces."""
+
+    reduce = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce:
+            return F.linear(x, self.weight, self.bias if parallel_state.rank() == 0 else None)
         y = parallel_state.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def wrap_quantized(self, quantized: nn.Module) -> nn.Module:
         """Keep this layer's reduction around `quantized`, its weight-only form (which carries the bias)."""
-        return ReducedLinear(quantized)
+        wrapped = ReducedLinear(quantized)
+        wrapped.reduce = self.reduce
+        return wrapped
 
 
 class ReducedLinear(nn.Module):
-    """A quantized row-parallel GEMM: all_reduce(inner(x)) + bias, the bias taken out of `inner`."""
+    """A quantized row-parallel GEMM: all_reduce(inner(x)) + bias, the bias taken out of `inner`; with
+    `reduce` off, inner(x) (+ bias on rank 0) for the caller to reduce."""
+
+    reduce = True
 
     def __init__(self, inner: nn.Module):
         super().__init__()
@@ -63,5 +83,8 @@ class ReducedLinear(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce:
+            y = self.inner(x)
+            return y if self.bias is None or parallel_state.rank() != 0 else y + self.bias
         y = parallel_state.all_reduce(self.inner(x))
         return y if self.bias is None else y + self.bias

@@ -34,8 +34,10 @@ def model_gemm_shapes(config: ModelConfig, tensor_parallel_size: int = 1) -> lis
     counts: dict[tuple[str, int, int, bool], int] = {}
     for name, module in net.named_modules():
         if isinstance(module, nn.Linear):
-            # A row-parallel layer adds its bias after the all-reduce, outside the GEMM.
-            bias = module.bias is not None and not isinstance(module, RowParallelLinear)
+            # A row-parallel layer adds its bias after the all-reduce, outside the GEMM, unless its
+            # reduction is deferred (rank 0 then adds it in the GEMM; tuned here as rank 0 runs it).
+            outside = isinstance(module, RowParallelLinear) and module.reduce
+            bias = module.bias is not None and not outside
             key = (name.rsplit(".", 1)[-1], module.out_features, module.in_features, bias)
             counts[key] = counts.get(key, 0) + 1
     if not any(key[0] == "lm_head" for key in counts):  # a tied head multiplies by the embedding

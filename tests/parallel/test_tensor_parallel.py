@@ -53,8 +53,9 @@ def test_tp2_equals_tp1(odd_vocab_models, arch):
     assert_close_logprobs(ref, got, atol=1e-4)
 
 
-def test_int8_under_tp2_agrees_with_int8_tp1(odd_vocab_models):
-    path = odd_vocab_models["llama"]
+@pytest.mark.parametrize("arch", ["llama", "gptj"])  # gptj: quantized layers with a deferred reduction
+def test_int8_under_tp2_agrees_with_int8_tp1(odd_vocab_models, arch):
+    path = odd_vocab_models[arch]
     ref = generate(path, quantization="int8")
     got = generate(path, tensor_parallel_size=2, quantization="int8")
     # Row-parallel layers quantize each rank's input half with its own per-channel scales, so the two

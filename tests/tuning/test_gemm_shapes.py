@@ -24,12 +24,13 @@ def test_gptj_6b_shapes_on_one_and_two_ranks():
         GemmShape("fc_out", 4096, 16384, True, 28),
         GemmShape("lm_head", 50400, 4096, True, 1),
     ]
-    # Column-parallel layers split n, row-parallel ones k (their bias is added after the all-reduce).
+    # Column-parallel layers split n, row-parallel ones k. GPT-J's parallel residual reduces attention and
+    # MLP outputs together, so rank 0 adds fc_out's bias inside the GEMM.
     assert model_gemm_shapes(GPTJ_6B, 2) == [
         GemmShape("qkv_proj", 6144, 4096, False, 28),
         GemmShape("out_proj", 4096, 2048, False, 28),
         GemmShape("fc_in", 8192, 4096, True, 28),
-        GemmShape("fc_out", 4096, 8192, False, 28),
+        GemmShape("fc_out", 4096, 8192, True, 28),
         GemmShape("lm_head", 25200, 4096, True, 1),
     ]
     assert parallel_state.world_size() == 1  # the assumed world is gone again
