@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile",
         action="store_true",
         help="after the timed run, profile the first --max-num-seqs prompts again and show the device "
-        "time per step by kind (matmul, attention, communication, other)",
+        "time per step by kind (matmul, attention, communication, other); with prefix caching on, their "
+        "prompts come from the cache, so the profile shows decode steps",
     )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
 
