@@ -180,16 +180,15 @@ class LLMEngine:
         deltas: dict[int, list[int]],
         touched: dict[str, Request],
     ) -> None:
-        by_request: dict[str, list[tuple[Sequence, int]]] = {}
+        by_request: dict[Request, list[tuple[Sequence, int]]] = {}
         for row, entry in enumerate(entries):
             item = scheduled[entry]
-            by_request.setdefault(item.request.request_id, []).append((item.seq, row))
+            by_request.setdefault(item.request, []).append((item.seq, row))
         rows: list[int] = []
         sampling_rows: list[SamplingRow] = []
         targets: list[tuple[Request, Sequence]] = []
-        for request_id, seq_rows in by_request.items():
-            request = self.requests[request_id]
-            touched[request_id] = request
+        for request, seq_rows in by_request.items():
+            touched[request.request_id] = request
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
             if request.params.use_beam_search:
@@ -228,6 +227,8 @@ class LLMEngine:
         return seq_rows
 
     def _sampling_row(self, params: SamplingParams, seq: Sequence) -> SamplingRow:
+        if seq.sampling_row is not None:  # one that reads no history and forbids nothing: reused
+            return seq.sampling_row
         forbidden: list[int] = []
         if seq.num_output_tokens < params.min_tokens:
             forbidden = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
@@ -237,6 +238,9 @@ class LLMEngine:
         reads_output = (
             penalised or params.frequency_penalty or params.presence_penalty or params.bad_words_ids
         )
+        if not forbidden and not reads_output:
+            seq.sampling_row = SamplingRow(params, seq.generator, (), ())
+            return seq.sampling_row
         return SamplingRow(
             params=params,
             generator=seq.generator,
@@ -257,7 +261,9 @@ class LLMEngine:
                 seq.finish_reason = "stop"
             elif token in params.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
-            elif any(_ends_with(seq.output_token_ids, s) for s in params.stop_token_sequences):
+            elif params.stop_token_sequences and any(
+                _ends_with(seq.output_token_ids, s) for s in params.stop_token_sequences
+            ):
                 seq.finish_reason = "stop"
         if seq.finish_reason is None and (
             (params.max_tokens is not None and n_out >= params.max_tokens)
@@ -377,20 +383,21 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------------ output
     def _output(self, request: Request, deltas: dict[int, list[int]]) -> RequestOutput:
-        outputs = []
-        for seq in sorted(request.seqs, key=lambda s: s.index):
-            outputs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text="",
-                    token_ids=seq.output_token_ids,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
-                    delta_token_ids=deltas.get(seq.seq_id, []),
-                )
+        seqs = request.seqs if len(request.seqs) == 1 else sorted(request.seqs, key=lambda s: s.index)
+        with_logprobs = request.params.logprobs is not None
+        outputs = [
+            CompletionOutput(
+                index=seq.index,
+                text="",
+                token_ids=seq.token_ids[seq.num_prompt_tokens :],
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if with_logprobs else None,
+                delta_token_ids=deltas.get(seq.seq_id, []),
             )
+            for seq in seqs
+        ]
         if request.finished:
             self.requests.pop(request.request_id, None)
         return RequestOutput(

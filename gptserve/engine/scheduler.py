@@ -66,18 +66,26 @@ class Scheduler:
         most to one token short of its end, so that they still sample together later.
         """
         seqs = request.live_seqs
+        if len(seqs) == 1:  # one sequence: it reaches its last token if the budget allows
+            seq = seqs[0]
+            n = len(seq.token_ids) - seq.num_computed_tokens
+            if n <= budget:
+                return [ScheduledSeq(seq, request, n, True)]
+            return [ScheduledSeq(seq, request, budget, False)]
         remaining = [s.num_uncomputed_tokens for s in seqs]
         if sum(remaining) <= budget:
             return [ScheduledSeq(s, request, r, True) for s, r in zip(seqs, remaining)]
         plan = []
         for s, r in zip(seqs, remaining):
-            n = min(r if len(seqs) == 1 else r - 1, budget)
+            n = min(r - 1, budget)
             if n > 0:
                 plan.append(ScheduledSeq(s, request, n, False))
                 budget -= n
         return plan
 
     def _blocks_needed(self, plan: list[ScheduledSeq]) -> int:
+        if len(plan) == 1:
+            return self.kv.blocks_needed(plan[0].seq, plan[0].num_new_tokens)
         return sum(self.kv.blocks_needed(p.seq, p.num_new_tokens) for p in plan)
 
     def _allocate(self, plan: list[ScheduledSeq], out: SchedulerOutput) -> None:
@@ -116,7 +124,7 @@ class Scheduler:
                 break
             self._allocate(plan, out)
             scheduled_running.append(request)
-            budget -= sum(p.num_new_tokens for p in plan)
+            budget -= plan[0].num_new_tokens if len(plan) == 1 else sum(p.num_new_tokens for p in plan)
         self.running = scheduled_running + self.running
 
         if out.preempted:  # blocks are short: let the running requests drain first

@@ -46,6 +46,9 @@ class Sequence:
     # Beam search: a live beam's cumulative processed score (what beams are ranked by); the
     # length-normalised score once the beam has finished.
     beam_score: float = 0.0
+    # The engine's sampling row for this sequence when it never changes (no history read, nothing
+    # forbidden), built once instead of every step.
+    sampling_row: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +106,11 @@ class Request:
 
     @property
     def live_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.finished]
+        """The sequences still generating (read-only: a one-sequence request may hand back `seqs`)."""
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, asked several times per sequence and step
+            return seqs if seqs[0].finish_reason is None else []
+        return [s for s in seqs if s.finish_reason is None]
 
     @property
     def finished(self) -> bool:
