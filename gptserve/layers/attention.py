@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptserve.layers.rotary import Rope, RotaryEmbedding
+
 
 @dataclass
 class PrefillChunk:
@@ -186,16 +188,38 @@ class Attention(nn.Module):
         kv = torch.cat((k, v), dim=-1).view(num_tokens, 2 * self.num_kv_heads, self.head_dim)
         return self._paged(q, kv, metadata)
 
-    def forward_packed(self, qkv: torch.Tensor) -> torch.Tensor:
+    def forward_packed(
+        self, qkv: torch.Tensor, rotary: RotaryEmbedding | None = None, rope: Rope | None = None
+    ) -> torch.Tensor:
         """qkv: [T, (heads + 2*kv_heads)*dim], q | k | v as a fused projection emits them -> [T, heads*dim].
 
-        K and V arrive side by side, so one copy writes both to the cache."""
+        K and V arrive side by side, so one copy writes both to the cache. With `rotary` and `rope`, q and
+        k are rotated first (in place); on CUDA with a cache, by the kernel that also writes K and V."""
         q_size = self.num_heads * self.head_dim
         q, kv = qkv[:, :q_size], qkv[:, q_size:]
         metadata = _current_metadata()
-        if metadata is None or self.kv_cache is None:
+        paged = metadata is not None and self.kv_cache is not None
+        kv_heads = kv.view(qkv.shape[0], 2 * self.num_kv_heads, self.head_dim)
+        if rope is not None and paged and qkv.is_cuda:
+            from gptserve.kernels.rotary_kv_write import rotary_kv_write
+
+            rotary_kv_write(
+                qkv,
+                rope.cos,
+                rope.sin,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                rotary.interleaved,
+                self._slots,
+                metadata.slot_mapping,
+            )
+            return self._attend(q, kv_heads, metadata)
+        if rope is not None:
+            rotary.rotate_(qkv[:, : q_size + self.num_kv_heads * self.head_dim], rope)
+        if not paged:
             return self._causal(q, *kv.chunk(2, dim=-1))
-        return self._paged(q, kv.view(qkv.shape[0], 2 * self.num_kv_heads, self.head_dim), metadata)
+        return self._paged(q, kv_heads, metadata)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
         # q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D]
@@ -217,6 +241,10 @@ class Attention(nn.Module):
             write_kv(kv, self._slots, meta.slot_mapping)
         else:
             self._slots.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1).to(self._slots.dtype))
+        return self._attend(q, kv, meta)
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of q [T, heads*dim] over the cache, which already holds this step's kv."""
         num_tokens, nd = q.shape[0], meta.num_decode_tokens
         if nd == num_tokens:
             return self._decode(q, meta)

@@ -37,8 +37,7 @@ class GPTJAttention(nn.Module):
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        self.rotary_emb.rotate_(qkv[:, : 2 * self.q_size], rope)  # q and k heads, in place
-        return self.out_proj(self.attn.forward_packed(qkv))
+        return self.out_proj(self.attn.forward_packed(qkv, self.rotary_emb, rope))
 
 
 class GPTJMLP(nn.Module):

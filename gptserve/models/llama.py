@@ -36,8 +36,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        self.rotary_emb.rotate_(qkv[:, : self.q_size + self.kv_size], rope)  # q and k heads, in place
-        return self.o_proj(self.attn.forward_packed(qkv))
+        return self.o_proj(self.attn.forward_packed(qkv, self.rotary_emb, rope))
 
 
 class LlamaMLP(nn.Module):
