@@ -54,6 +54,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, no CUDA graphs"
     )
+    parser.add_argument(
+        "--async-scheduling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="launch the next decode step before the host has this step's tokens, overlapping the "
+        "host's work with the GPU's (auto: on for CUDA with one rank)",
+    )
 
 
 def engine_options(args: argparse.Namespace):
@@ -72,6 +79,7 @@ def engine_options(args: argparse.Namespace):
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,
         enforce_eager=args.enforce_eager,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
 
 

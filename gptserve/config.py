@@ -212,6 +212,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    async_scheduling: bool = False  # launch the next decode step before this step's tokens reach the host
 
 
 @dataclass

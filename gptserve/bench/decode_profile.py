@@ -47,7 +47,7 @@ def step_mix(engine, num_prompts: int) -> list[tuple[str, str]]:
     run = runner.run
     spent: dict[str, list[float]] = {}
 
-    def timed(step):
+    def timed(step, input_ids=None):
         graphs = runner.cuda_graphs
         if graphs is not None and graphs.can_replay(step):
             kind = "graph replay"
@@ -61,7 +61,7 @@ def step_mix(engine, num_prompts: int) -> list[tuple[str, str]]:
             with torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             ) as prof:
-                out = run(step)
+                out = run(step, input_ids)
                 torch.cuda.synchronize()
             tokens = len(step.input_ids)
             print(f"one eager step with prefill chunks: {tokens} tokens, {len(step.prefills)} chunks")
@@ -69,9 +69,9 @@ def step_mix(engine, num_prompts: int) -> list[tuple[str, str]]:
                 prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
             )
             start = time.perf_counter()
-            out = run(step)  # timed without the profiler (re-running a step rewrites the same cache slots)
+            out = run(step, input_ids)  # timed without the profiler (a re-run rewrites the same slots)
         else:
-            out = run(step)
+            out = run(step, input_ids)
         torch.cuda.synchronize()
         spent.setdefault(kind, []).append(time.perf_counter() - start)
         return out

@@ -26,7 +26,7 @@ def host_ms_per_step(llm: LLM, prompts: list[list[int]], output_len: int) -> flo
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     real_run = engine.runner.run
-    engine.runner.run = lambda step: torch.zeros(len(step.logits_rows), vocab)
+    engine.runner.run = lambda step, input_ids=None: torch.zeros(len(step.logits_rows), vocab)
     try:
         before = engine.num_steps
         start = time.perf_counter()

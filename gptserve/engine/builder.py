@@ -58,6 +58,9 @@ class EngineOptions:
     tensor_parallel_size: int = 1
     quantization: str = "auto"  # auto | none | int8 | int4 (weight-only)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
+    # Launch the next decode step before the host has the current step's tokens (see `LLMEngine`);
+    # None: on for CUDA with one rank.
+    async_scheduling: bool | None = None
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -226,6 +229,14 @@ def build_engine(
     return engine
 
 
+def _async_scheduling(opts: EngineOptions, device: torch.device) -> bool:
+    """Whether steps run ahead of the host: asked for, or by default on CUDA with one rank (on a CPU the
+    model and the host share the cores, so there is nothing to overlap)."""
+    if opts.async_scheduling is not None:
+        return opts.async_scheduling and parallel_state.world_size() == 1
+    return device.type == "cuda" and parallel_state.world_size() == 1
+
+
 def _leave_as_worker(world: TensorParallelWorld | None, device: torch.device) -> NoReturn:
     """A rank other than 0 after rank 0's stop message. On CUDA the process ends at once: NCCL's
     teardown can wait for peers that are leaving too, and the driver reclaims everything anyway."""
@@ -311,7 +322,12 @@ def _engine(
     config = EngineConfig(
         model=model_config,
         cache=CacheConfig(opts.block_size, num_blocks * block_bytes, num_blocks, opts.enable_prefix_caching),
-        scheduler=SchedulerConfig(opts.max_num_seqs, max(opts.max_num_batched_tokens, 1), max_model_len),
+        scheduler=SchedulerConfig(
+            opts.max_num_seqs,
+            max(opts.max_num_batched_tokens, 1),
+            max_model_len,
+            _async_scheduling(opts, device),
+        ),
         device=device,
         dtype=dtype,
         seed=opts.seed,

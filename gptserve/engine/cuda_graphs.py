@@ -219,8 +219,9 @@ class CudaGraphRunner:
             and max(len(t) for t in step.decode_tables) <= self.width
         )
 
-    def replay(self, step: StepInputs) -> torch.Tensor:
-        """float32 logits [rows, vocab] of a step that `can_replay`, from its graph."""
+    def replay(self, step: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [rows, vocab] of a step that `can_replay`, from its graph; `input_ids` on the
+        device stand in for `step.input_ids` (a decode step launched ahead of its tokens)."""
         n = len(step.input_ids)
         size = self._prefill_size(step)
         if size is not None:
@@ -231,6 +232,8 @@ class CudaGraphRunner:
             return prefill.logits.clone()
         graph = self.graphs[self._size_for[n]]
         graph.load(step)
+        if input_ids is not None:
+            graph.ids[:n].copy_(input_ids)
         graph.graph.replay()
         self.replays["decode"] += 1
         return graph.logits[:n].clone()

@@ -5,6 +5,15 @@ sample every sequence that reached its last token -> append tokens, check the st
 token ids (EOS, stop tokens, token sequences, lengths), free the blocks of finished sequences. It never
 waits on anything but the model, and produces token ids only. Text (detokenization, stop strings) is the
 `OutputProcessor`'s job: the server runs it on its event loop; `step()` runs it inline for offline use.
+
+With asynchronous scheduling (on by default on CUDA with one rank), a step whose every running sequence
+just sampled launches the next decode step before its tokens reach the host: that step's input ids are
+the sampled tokens, still on the device, and the host's bookkeeping for this step (appending tokens, stop
+checks, outputs) overlaps the GPU's work on the next. The next call then samples the step already in
+flight instead of scheduling one. A sequence that ends at this step (EOS, a stop token or string, an
+abort) wastes its row of the step ahead, whose token is dropped; one that ends by length is left out
+beforehand. Only steps whose sampling reads no token history run ahead (no penalties, bad words or
+pending min_tokens), and only while no request waits to be admitted.
 """
 
 from __future__ import annotations
@@ -53,12 +62,15 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._finished_outside_step: list[Request] = []
+        # A decode step launched before the host had its input tokens: (scheduled, logits, logits entries)
+        self._ahead: tuple[list[ScheduledSeq], torch.Tensor, list[int]] | None = None
         self.eos_token_ids = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids)
         self.num_generated_tokens = 0
         self.num_steps = 0  # steps that ran the model
+        self.num_steps_ahead = 0  # of which launched before the host had their input tokens
         self.num_prompt_tokens = 0
 
     # ----------------------------------------------------------------------------------------- requests
@@ -126,7 +138,7 @@ class LLMEngine:
             self._finished_outside_step.append(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._finished_outside_step)
+        return self.scheduler.has_unfinished() or bool(self._finished_outside_step) or self._ahead is not None
 
     @staticmethod
     def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
@@ -152,24 +164,32 @@ class LLMEngine:
     def step_tokens(self) -> list[RequestOutput]:
         """Run one engine iteration; returns the requests that progressed or finished, as token ids
         (`text` and `delta_text` empty)."""
-        out = self.scheduler.schedule()
         touched: dict[str, Request] = {}
-        for request in out.failed:
-            for seq in request.live_seqs:
-                seq.finish_reason = "abort"
-            self.scheduler.finish(request)
-            touched[request.request_id] = request
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # launched by the previous call: sample it now
+            scheduled, logits, entries = ahead
+        else:
+            out = self.scheduler.schedule()
+            for request in out.failed:
+                for seq in request.live_seqs:
+                    seq.finish_reason = "abort"
+                self.scheduler.finish(request)
+                touched[request.request_id] = request
+            scheduled = out.scheduled
+            if scheduled:
+                self.num_steps += 1
+                logits, entries = self.runner.execute(scheduled, out.block_copies)
         for request in self._finished_outside_step:
             touched[request.request_id] = request
         self._finished_outside_step = []
         deltas: dict[int, list[int]] = {}
-        if out.scheduled:
-            self.num_steps += 1
-            logits, entries = self.runner.execute(out.scheduled, out.block_copies)
-            for item in out.scheduled:
+        if scheduled:
+            for item in scheduled:
+                if item.seq.finished:  # ended while its step ran ahead: its token is dropped
+                    continue
                 item.seq.num_computed_tokens += item.num_new_tokens
                 self.kv.cache_full_blocks(item.seq)
-            self._sample(out.scheduled, logits, entries, deltas, touched)
+            self._sample(scheduled, logits, entries, deltas, touched)
         return [self._output(r, deltas) for r in touched.values()]
 
     def _sample(
@@ -197,12 +217,20 @@ class LLMEngine:
             if not request.forked:
                 seq_rows = self._fork_samples(request, seq_rows)
             for seq, row in seq_rows:
+                if seq.finished:
+                    continue
                 rows.append(row)
                 targets.append((request, seq))
                 sampling_rows.append(self._sampling_row(request.params, seq))
         if not rows:
             return
-        result = self.sampler(logits[rows], sampling_rows)
+        before_fetch = None
+        if self._can_run_ahead(scheduled, targets):
+
+            def before_fetch(tokens: torch.Tensor) -> None:
+                self._run_ahead(targets, tokens)
+
+        result = self.sampler(logits[rows], sampling_rows, before_fetch=before_fetch)
         for i, (request, seq) in enumerate(targets):
             token = result.token_ids[i]
             logprob = result.logprobs[i]
@@ -212,6 +240,46 @@ class LLMEngine:
             self._append(request, seq, token, deltas)
         for request, _ in targets:
             self._maybe_finish_request(request)
+
+    def _can_run_ahead(self, scheduled: list[ScheduledSeq], targets: list[tuple[Request, Sequence]]) -> bool:
+        """Whether the next step may be launched from this step's tokens on the device: every running
+        sequence samples now, none reads token history, nothing waits to be admitted."""
+        if not self.config.scheduler.async_scheduling or self.scheduler.waiting or self.runner.publish:
+            return False
+        if len(targets) != len(scheduled) or len(targets) > self.config.scheduler.max_num_batched_tokens:
+            return False
+        if any(not item.sample for item in scheduled):
+            return False
+        if sum(len(r.live_seqs) for r in self.scheduler.running) != len(targets):
+            return False
+        return all(seq.sampling_row is not None for _, seq in targets)
+
+    def _run_ahead(self, targets: list[tuple[Request, Sequence]], tokens: torch.Tensor) -> None:
+        """Launch the decode step that follows this one for every sequence that will not end by length,
+        its input ids taken from `tokens` (this step's samples, on the device)."""
+        keep: list[int] = []
+        items: list[ScheduledSeq] = []
+        for i, (request, seq) in enumerate(targets):
+            limit = request.params.max_tokens
+            if (limit is not None and seq.num_output_tokens + 1 >= limit) or (
+                seq.num_tokens + 1 >= self.max_model_len
+            ):
+                continue
+            keep.append(i)
+            items.append(ScheduledSeq(seq, request, 1, True))
+        if not items:
+            return
+        if not self.kv.can_allocate(sum(self.kv.blocks_needed(item.seq, 1) for item in items)):
+            return
+        copies: list[tuple[int, int]] = []
+        for item in items:
+            self.kv.allocate(item.seq, 1, copies)
+        if len(keep) < len(targets):
+            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+        self.num_steps += 1
+        self.num_steps_ahead += 1
+        logits, entries = self.runner.execute_ahead(items, copies, tokens)
+        self._ahead = (items, logits, entries)
 
     def _fork_samples(
         self, request: Request, seq_rows: list[tuple[Sequence, int]]

@@ -105,10 +105,19 @@ class ModelRunner:
             self.publish(step)
         return self.run(step), sample_entries
 
+    def execute_ahead(
+        self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]], input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run a decode step whose input tokens are still on the device (`input_ids`, one per scheduled
+        sequence, in order: the previous step's samples), so it can start before the host has them."""
+        step, sample_entries = self.prepare(scheduled, copies, tokens_on_device=True)
+        return self.run(step, input_ids), sample_entries
+
     def prepare(
-        self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]]
+        self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]], tokens_on_device: bool = False
     ) -> tuple[StepInputs, list[int]]:
-        """Pack the scheduled tokens; returns the step and the index in `scheduled` of each logits row."""
+        """Pack the scheduled tokens; returns the step and the index in `scheduled` of each logits row.
+        With `tokens_on_device` (decode tokens only) the input ids are left 0, to be filled on the device."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         bs = self.block_size
         step = StepInputs(copies=copies)
@@ -122,7 +131,7 @@ class ModelRunner:
             offset = len(step.input_ids)
             block_ids = seq.block_ids
             if n == 1:  # a decode token: the common case, kept to a few appends
-                step.input_ids.append(seq.token_ids[start])
+                step.input_ids.append(0 if tokens_on_device else seq.token_ids[start])
                 step.positions.append(start)
                 step.slot_mapping.append(block_ids[start // bs] * bs + start % bs)
                 step.decode_tables.append(block_ids[: start // bs + 1])
@@ -138,11 +147,12 @@ class ModelRunner:
         return step, sample_entries
 
     @torch.inference_mode()
-    def run(self, step: StepInputs) -> torch.Tensor:
-        """Run the model on a packed step; float32 logits of its `logits_rows`."""
+    def run(self, step: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model on a packed step; float32 logits of its `logits_rows`. `input_ids` on the
+        device, when given, stand in for `step.input_ids`."""
         self.copy_blocks(step.copies)
         if self.cuda_graphs is not None and self.cuda_graphs.can_replay(step):
-            return self.cuda_graphs.replay(step)
+            return self.cuda_graphs.replay(step, input_ids)
         prefills = [
             PrefillChunk(offset, n, end, self._slots(blocks, 0, end).to(self.device))
             for offset, n, end, blocks in step.prefills
@@ -155,7 +165,10 @@ class ModelRunner:
         if step.decode_lens:
             self._decode_metadata(meta, step.decode_tables, step.decode_lens)
 
-        ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        if input_ids is None:
+            ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        else:
+            ids = input_ids
         pos = torch.tensor(step.positions, dtype=torch.long, device=self.device)
         with attention_context(meta):
             hidden = self.model(ids, pos)

@@ -121,7 +121,14 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Picks one token per row of a [rows, vocab] float32 logits tensor. The input is never modified."""
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        before_fetch: Callable[[torch.Tensor], None] | None = None,
+    ) -> SamplerOutput:
+        """One token per row. `before_fetch` is handed the chosen tokens on the logits' device before
+        they are copied to the host (the engine launches its next step from them)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} sampling rows")
         if not rows:
@@ -141,7 +148,7 @@ class Sampler:
                 tokens.index_copy_(0, _long(sampling, raw.device), drawn)
             else:
                 tokens = drawn
-        return self._with_logprobs(raw, tokens, rows)
+        return self._with_logprobs(raw, tokens, rows, before_fetch)
 
     def process_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Logit bias, bans and penalties, which greedy and sampling rows share.
@@ -247,7 +254,11 @@ class Sampler:
         return row_argmax(x.sub_(log_noise))
 
     def _with_logprobs(
-        self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]
+        self,
+        raw: torch.Tensor,
+        tokens: torch.Tensor,
+        rows: list[SamplingRow],
+        before_fetch: Callable[[torch.Tensor], None] | None = None,
     ) -> SamplerOutput:
         """Attach raw log-probs: of the chosen tokens for every row, and the best ones where asked."""
         device = raw.device
@@ -269,7 +280,21 @@ class Sampler:
         for j, i in enumerate(asking):
             k = rows[i].params.logprobs
             top_logprobs[i] = list(zip(top_ids[j][:k], top_values[j][:k], strict=True)) if k else []
-        if tokens.is_cuda:  # one device-to-host transfer for both (token ids are exact in float64)
-            ids, values = torch.stack((tokens.double(), chosen.double())).tolist()
-            return SamplerOutput([int(t) for t in ids], values, top_logprobs)
-        return SamplerOutput(tokens.tolist(), chosen.tolist(), top_logprobs)
+        if not tokens.is_cuda:
+            if before_fetch is not None:
+                before_fetch(tokens)
+            return SamplerOutput(tokens.tolist(), chosen.tolist(), top_logprobs)
+        # One device-to-host transfer for both (token ids are exact in float64), queued before whatever
+        # `before_fetch` launches, so that waiting for it does not wait for that work too.
+        both = torch.stack((tokens.double(), chosen.double()))
+        if before_fetch is None:
+            ids, values = both.tolist()
+        else:
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            before_fetch(tokens)
+            copied.synchronize()
+            ids, values = host.tolist()
+        return SamplerOutput([int(t) for t in ids], values, top_logprobs)
