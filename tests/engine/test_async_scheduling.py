@@ -39,10 +39,16 @@ def _params(prompts: list[list[int]], free: list[list[int]]) -> list[SamplingPar
 
 
 def _summary(outputs):
-    return [
-        [(c.token_ids, c.finish_reason, c.stop_reason, round(c.cumulative_logprob, 4)) for c in o.outputs]
-        for o in outputs
-    ]
+    return [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
+
+
+def _assert_same(got, expected):
+    """Same tokens and endings; cumulative log-probs within 1e-3 (a step run ahead may carry a wasted row,
+    and a float32 matmul over another number of rows may round its last bits otherwise)."""
+    assert _summary(got) == _summary(expected)
+    for a, b in zip(got, expected):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.cumulative_logprob == pytest.approx(y.cumulative_logprob, abs=1e-3)
 
 
 def test_async_steps_generate_what_synchronous_steps_do(llms):
@@ -53,7 +59,7 @@ def test_async_steps_generate_what_synchronous_steps_do(llms):
     # Together: steps run ahead while every running request's sampling reads no history.
     before = ahead.engine.num_steps_ahead
     counted = [llm.engine.num_generated_tokens for llm in llms]
-    assert _summary(ahead.generate(prompts, params)) == _summary(sync.generate(prompts, params))
+    _assert_same(ahead.generate(prompts, params), sync.generate(prompts, params))
     assert ahead.engine.num_steps_ahead > before
     # the rows wasted on sequences that ended while a step ran ahead count no tokens
     assert [llm.engine.num_generated_tokens - n for llm, n in zip(llms, counted)][0] == (
@@ -65,7 +71,7 @@ def test_async_steps_generate_what_synchronous_steps_do(llms):
     assert ahead.engine.num_steps_ahead == before
     # One at a time (prefill, then every decode step ahead).
     for prompt, p in list(zip(prompts, params))[:6]:
-        assert _summary(ahead.generate([prompt], p)) == _summary(sync.generate([prompt], p))
+        _assert_same(ahead.generate([prompt], p), sync.generate([prompt], p))
     for llm in llms:
         assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
         assert not llm.engine.has_unfinished_requests()
