@@ -230,10 +230,11 @@ def build_engine(
 
 
 def _async_scheduling(opts: EngineOptions, device: torch.device) -> bool:
-    """Whether steps run ahead of the host: asked for, or by default on CUDA with one rank (on a CPU the
-    model and the host share the cores, so there is nothing to overlap)."""
+    """Whether steps run ahead of the host: as asked, else on CUDA with one rank (on a CPU the model and
+    the host share the cores, so there is nothing to overlap; under tensor parallelism only when asked,
+    the ranks then taking rank 0's sampled tokens from a broadcast inside the step)."""
     if opts.async_scheduling is not None:
-        return opts.async_scheduling and parallel_state.world_size() == 1
+        return opts.async_scheduling
     return device.type == "cuda" and parallel_state.world_size() == 1
 
 

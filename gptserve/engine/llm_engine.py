@@ -244,7 +244,7 @@ class LLMEngine:
     def _can_run_ahead(self, scheduled: list[ScheduledSeq], targets: list[tuple[Request, Sequence]]) -> bool:
         """Whether the next step may be launched from this step's tokens on the device: every running
         sequence samples now, none reads token history, nothing waits to be admitted."""
-        if not self.config.scheduler.async_scheduling or self.scheduler.waiting or self.runner.publish:
+        if not self.config.scheduler.async_scheduling or self.scheduler.waiting:
             return False
         if len(targets) != len(scheduled) or len(targets) > self.config.scheduler.max_num_batched_tokens:
             return False

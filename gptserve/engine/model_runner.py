@@ -18,6 +18,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.engine.scheduler import ScheduledSeq
 from gptserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_context
+from gptserve.parallel import parallel_state
 
 if TYPE_CHECKING:
     from gptserve.engine.cuda_graphs import CudaGraphRunner
@@ -36,6 +37,8 @@ class StepInputs:
     # (query offset, query length, context length, the context's blocks) of each prefill chunk
     prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # rows of the packed batch to compute logits for
+    # the input ids are rank 0's samples, still on its device: every rank takes them from a broadcast
+    tokens_on_device: bool = False
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) cache blocks, before the step
 
 
@@ -111,7 +114,9 @@ class ModelRunner:
         """Run a decode step whose input tokens are still on the device (`input_ids`, one per scheduled
         sequence, in order: the previous step's samples), so it can start before the host has them."""
         step, sample_entries = self.prepare(scheduled, copies, tokens_on_device=True)
-        return self.run(step, input_ids), sample_entries
+        if self.publish is not None:
+            self.publish(step)
+        return self.run(step, input_ids.contiguous()), sample_entries
 
     def prepare(
         self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]], tokens_on_device: bool = False
@@ -120,7 +125,7 @@ class ModelRunner:
         With `tokens_on_device` (decode tokens only) the input ids are left 0, to be filled on the device."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         bs = self.block_size
-        step = StepInputs(copies=copies)
+        step = StepInputs(copies=copies, tokens_on_device=tokens_on_device)
         sample_entries: list[int] = []
         # Plain Python ints, turned into tensors once: per-sequence tensor ops would cost more than the
         # whole one-sequence decode step's bookkeeping.
@@ -151,6 +156,10 @@ class ModelRunner:
         """Run the model on a packed step; float32 logits of its `logits_rows`. `input_ids` on the
         device, when given, stand in for `step.input_ids`."""
         self.copy_blocks(step.copies)
+        if step.tokens_on_device and parallel_state.world_size() > 1:  # rank 0 sends, the others receive
+            if input_ids is None:
+                input_ids = torch.empty(len(step.input_ids), dtype=torch.long, device=self.device)
+            parallel_state.broadcast_tensor(input_ids)
         if self.cuda_graphs is not None and self.cuda_graphs.can_replay(step):
             return self.cuda_graphs.replay(step, input_ids)
         prefills = [

@@ -143,6 +143,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `x` into every rank's `x` (same shape and dtype), in place; returns `x`."""
+    if _world_size > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Every rank's `x` concatenated along `dim`, in rank order, on every rank."""
     if _world_size == 1:

@@ -177,3 +177,26 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_async_scheduling_under_tp2(odd_vocab_models):
+    """Steps launched ahead under tensor parallelism: rank 0's sampled tokens reach the worker through a
+    broadcast inside the step; two ranks generate what one rank generates synchronously."""
+    path = odd_vocab_models["gptj"]
+    params = [
+        SamplingParams(max_tokens=16, temperature=0, logprobs=5),
+        SamplingParams(max_tokens=11, temperature=0.8, seed=5),
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+    ]
+    one = LLM(path, **ENGINE)
+    ref = [o.outputs[0] for o in one.generate(PROMPTS, params)]
+    one.close()
+    two = LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE)
+    try:
+        got = [o.outputs[0] for o in two.generate(PROMPTS, params)]
+        assert two.engine.num_steps_ahead > 0
+        assert two.engine.kv.num_free_blocks == two.engine.kv.num_blocks
+    finally:
+        two.close()
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert_close_logprobs(ref[:1], got[:1], atol=1e-4)
