@@ -91,6 +91,15 @@ def random_prompts(count: int, vocab: int, lengths: list[int], seed: int = 0) ->
     return [torch.randint(0, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(count)]
 
 
+def process_running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone: its parent was killed and nobody reaps it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

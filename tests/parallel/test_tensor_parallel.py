@@ -19,7 +19,7 @@ from gptserve.llm import LLM
 from gptserve.outputs import CompletionOutput
 from gptserve.parallel.launcher import current_world
 from gptserve.sampling_params import SamplingParams
-from tests.conftest import ARCHS, random_prompts
+from tests.conftest import ARCHS, process_running, random_prompts
 from tests.parallel.conftest import ODD_VOCAB
 
 ENGINE = dict(device="cpu", dtype="fp32", num_kv_blocks=64, max_model_len=128, block_size=8)
@@ -162,21 +162,12 @@ def test_worker_leaves_when_rank0_is_killed(odd_vocab_models):
         proc.kill()
         proc.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(worker) and time.monotonic() < deadline:
+        while process_running(worker) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker)
+        assert not process_running(worker)
     finally:
         proc.kill()
         proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie counts as gone: its parent was killed and nobody reaps it yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_async_scheduling_under_tp2(odd_vocab_models):

@@ -10,6 +10,7 @@ import openai
 
 from gptserve.llm import LLM
 from gptserve.sampling_params import SamplingParams
+from tests.conftest import process_running
 from tests.server.conftest import start_tiny_gptj_server
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
@@ -20,14 +21,6 @@ def _spawned_children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         children = [int(p) for p in f.read().split()]
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_two_ranks_serve_what_one_generates(tmp_path: Path):
@@ -48,4 +41,4 @@ def test_two_ranks_serve_what_one_generates(tmp_path: Path):
     one_rank = LLM(str(tmp_path), device="cpu", dtype="fp32", max_model_len=256)
     greedy = SamplingParams(max_tokens=12, temperature=0)
     assert got == [o.outputs[0].text for o in one_rank.generate(prompts, greedy)]
-    assert not any(_running(p) for p in workers)
+    assert not any(process_running(p) for p in workers)
