@@ -260,10 +260,7 @@ class LLMEngine:
         keep: list[int] = []
         items: list[ScheduledSeq] = []
         for i, (request, seq) in enumerate(targets):
-            limit = request.params.max_tokens
-            if (limit is not None and seq.num_output_tokens + 1 >= limit) or (
-                seq.num_tokens + 1 >= self.max_model_len
-            ):
+            if self._ends_by_length(request.params, seq.num_output_tokens + 1, seq.num_tokens + 1):
                 continue
             keep.append(i)
             items.append(ScheduledSeq(seq, request, 1, True))
@@ -278,7 +275,7 @@ class LLMEngine:
             tokens = tokens[torch.tensor(keep, device=tokens.device)]
         self.num_steps += 1
         self.num_steps_ahead += 1
-        logits, entries = self.runner.execute_ahead(items, copies, tokens)
+        logits, entries = self.runner.execute(items, copies, tokens)
         self._ahead = (items, logits, entries)
 
     def _fork_samples(
@@ -333,13 +330,16 @@ class LLMEngine:
                 _ends_with(seq.output_token_ids, s) for s in params.stop_token_sequences
             ):
                 seq.finish_reason = "stop"
-        if seq.finish_reason is None and (
-            (params.max_tokens is not None and n_out >= params.max_tokens)
-            or seq.num_tokens >= self.max_model_len
-        ):
+        if seq.finish_reason is None and self._ends_by_length(params, n_out, seq.num_tokens):
             seq.finish_reason = "length"
         if seq.finished:
             self.kv.free(seq)
+
+    def _ends_by_length(self, params: SamplingParams, num_output_tokens: int, num_tokens: int) -> bool:
+        """Whether a sequence with these many output and total tokens has reached its length limit."""
+        return (
+            params.max_tokens is not None and num_output_tokens >= params.max_tokens
+        ) or num_tokens >= self.max_model_len
 
     def _maybe_finish_request(self, request: Request) -> None:
         if not request.finished and not request.live_seqs:
@@ -457,7 +457,7 @@ class LLMEngine:
             CompletionOutput(
                 index=seq.index,
                 text="",
-                token_ids=seq.token_ids[seq.num_prompt_tokens :],
+                token_ids=seq.output_token_ids,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
                 cumulative_logprob=seq.cumulative_logprob,

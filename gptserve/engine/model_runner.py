@@ -100,23 +100,18 @@ class ModelRunner:
             layer.copy_blocks(src, dst)
 
     def execute(
-        self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]]
+        self,
+        scheduled: list[ScheduledSeq],
+        copies: list[tuple[int, int]],
+        input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
-        """Run the step. Returns float32 logits for the sampling entries, and their indices in `scheduled`."""
-        step, sample_entries = self.prepare(scheduled, copies)
+        """Run the step. Returns float32 logits for the sampling entries, and their indices in `scheduled`.
+        `input_ids` on the device (decode tokens only, one per scheduled sequence, in order: the previous
+        step's samples) let a step start before the host has its tokens."""
+        step, sample_entries = self.prepare(scheduled, copies, tokens_on_device=input_ids is not None)
         if self.publish is not None:
             self.publish(step)
-        return self.run(step), sample_entries
-
-    def execute_ahead(
-        self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]], input_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Run a decode step whose input tokens are still on the device (`input_ids`, one per scheduled
-        sequence, in order: the previous step's samples), so it can start before the host has them."""
-        step, sample_entries = self.prepare(scheduled, copies, tokens_on_device=True)
-        if self.publish is not None:
-            self.publish(step)
-        return self.run(step, input_ids.contiguous()), sample_entries
+        return self.run(step, None if input_ids is None else input_ids.contiguous()), sample_entries
 
     def prepare(
         self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]], tokens_on_device: bool = False

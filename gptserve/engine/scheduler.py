@@ -84,9 +84,10 @@ class Scheduler:
         return plan
 
     def _blocks_needed(self, plan: list[ScheduledSeq]) -> int:
-        if len(plan) == 1:
-            return self.kv.blocks_needed(plan[0].seq, plan[0].num_new_tokens)
-        return sum(self.kv.blocks_needed(p.seq, p.num_new_tokens) for p in plan)
+        needed = 0
+        for p in plan:  # a loop: plans are mostly one sequence long, where a generator costs more
+            needed += self.kv.blocks_needed(p.seq, p.num_new_tokens)
+        return needed
 
     def _allocate(self, plan: list[ScheduledSeq], out: SchedulerOutput) -> None:
         for p in plan:
@@ -124,7 +125,8 @@ class Scheduler:
                 break
             self._allocate(plan, out)
             scheduled_running.append(request)
-            budget -= plan[0].num_new_tokens if len(plan) == 1 else sum(p.num_new_tokens for p in plan)
+            for p in plan:
+                budget -= p.num_new_tokens
         self.running = scheduled_running + self.running
 
         if out.preempted:  # blocks are short: let the running requests drain first
