@@ -11,6 +11,17 @@ import torch
 from gptserve.loading.default_model import default_model_path
 
 
+def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every benchmark with a Hugging Face baseline takes."""
+    parser.add_argument("--baseline", choices=["none", "hf"], default="none")
+    parser.add_argument("--baseline-dtypes", default="fp32,bf16", help="dtypes of the HF baseline runs")
+    parser.add_argument(
+        "--baseline-static",
+        action="store_true",
+        help='also time HF generate with cache_implementation="static" (compiled by transformers)',
+    )
+
+
 def load_hf_model(model: str | Path | None, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The checkpoint as a transformers model (GGUF files are dequantized by transformers itself)."""
     from transformers import AutoModelForCausalLM

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -111,3 +112,12 @@ def profiled(device: torch.device) -> Iterator[KernelTimes]:
         kind = kind_of(event.key)
         times.micros[kind] = times.micros.get(kind, 0.0) + micros
         times.calls[kind] = times.calls.get(kind, 0) + event.count
+
+
+def profile_engine_steps(engine: Any, work: Callable[[], object]) -> KernelTimes:
+    """Profile `work` (something that drives `engine`, an `LLMEngine`), counting the engine steps it ran."""
+    with profiled(engine.config.device) as times:
+        before = engine.num_steps
+        work()
+        times.steps = engine.num_steps - before
+    return times

@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
-from gptserve.bench.hf_baseline import baseline_model, hf_generate_time
-from gptserve.bench.kernel_profile import profiled
+from gptserve.bench.hf_baseline import add_baseline_arguments, baseline_model, hf_generate_time
+from gptserve.bench.kernel_profile import profile_engine_steps
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import median, random_prompts
 from gptserve.config import parse_dtype
@@ -22,13 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=100)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline", choices=["none", "hf"], default="none")
-    parser.add_argument("--baseline-dtypes", default="fp32,bf16", help="dtypes of the HF baseline runs")
-    parser.add_argument(
-        "--baseline-static",
-        action="store_true",
-        help='also time HF generate with cache_implementation="static" (compiled by transformers)',
-    )
+    add_baseline_arguments(parser)
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -108,11 +102,7 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
         ("achieved bandwidth", f"{gb(achieved)} = {achieved / bandwidth:.0%} of copy bandwidth"),
     ]  # fmt: skip
     if args.profile:
-        engine = llm.engine
-        with profiled(device) as profile:
-            before = engine.num_steps
-            measure_request(llm, prompts[0], args.output_len)
-            profile.steps = engine.num_steps - before
+        profile = profile_engine_steps(llm.engine, lambda: measure_request(llm, prompts[0], args.output_len))
         rows += profile.rows()
         results["profile"] = profile.as_dict()
     if args.baseline == "hf":

@@ -9,8 +9,13 @@ import time
 from typing import Any
 
 from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes, matmul_rate
-from gptserve.bench.hf_baseline import baseline_model, hf_batches_time, hf_generate_time
-from gptserve.bench.kernel_profile import profiled
+from gptserve.bench.hf_baseline import (
+    add_baseline_arguments,
+    baseline_model,
+    hf_batches_time,
+    hf_generate_time,
+)
+from gptserve.bench.kernel_profile import profile_engine_steps
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import random_prompts
 from gptserve.config import parse_dtype
@@ -24,18 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-input-len", type=int, default=60)
     parser.add_argument("--max-input-len", type=int, default=140)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--baseline", choices=["none", "hf"], default="none")
-    parser.add_argument("--baseline-dtypes", default="fp32,bf16", help="dtypes of the HF baseline runs")
+    add_baseline_arguments(parser)
     parser.add_argument(
         "--baseline-batch", type=int, default=0, help="HF generate batch size; 0 = all prompts in one batch"
     )
     parser.add_argument(
         "--baseline-num-prompts", type=int, default=0, help="HF runs the first N prompts only; 0 = all"
-    )
-    parser.add_argument(
-        "--baseline-static",
-        action="store_true",
-        help='also time HF generate with cache_implementation="static" (compiled by transformers)',
     )
     parser.add_argument(
         "--profile",
@@ -113,11 +112,9 @@ def run(args: argparse.Namespace, llm: LLM) -> int:
                      f"{ours['output_tokens_per_s'] / ours['roofline_output_tokens_per_s']:.0%} of roofline"),
     ]  # fmt: skip
     if args.profile:
-        engine = llm.engine
-        with profiled(device) as profile:
-            before = engine.num_steps
-            run_offline(llm, prompts[: results["max_num_seqs"]], params)
-            profile.steps = engine.num_steps - before
+        profile = profile_engine_steps(
+            llm.engine, lambda: run_offline(llm, prompts[: results["max_num_seqs"]], params)
+        )
         rows += profile.rows()
         results["profile"] = profile.as_dict()
     if args.baseline == "hf":
