@@ -10,16 +10,13 @@ import pytest
 
 from gptserve.bench.kernel_profile import kind_of
 from gptserve.cli import main
-from tests.conftest import build_tiny_model
 
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "fp32", "--max-model-len", "128"]
 
 
 @pytest.fixture(scope="module")
-def tiny_gptj(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gptj-profile")
-    build_tiny_model("gptj", path)
-    return path
+def tiny_gptj(tiny_models) -> Path:
+    return tiny_models["gptj"][0]
 
 
 @pytest.mark.parametrize(
