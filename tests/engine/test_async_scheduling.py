@@ -130,3 +130,9 @@ def test_stop_strings_end_sequences_while_a_step_runs_ahead(tmp_path):
     assert got == expected and any(reason == "stop" for _, _, reason, _ in got)
     assert ahead.engine.num_steps_ahead > before
     assert ahead.engine.kv.num_free_blocks == ahead.engine.kv.num_blocks
+
+
+def test_off_by_default_on_a_cpu(tiny_models):
+    """On a CPU the model and the host share the cores: nothing to overlap, so auto means off."""
+    path, _ = tiny_models["llama"]
+    assert not LLM(str(path), **ENGINE).engine.config.scheduler.async_scheduling
