@@ -8,7 +8,9 @@ channels; the rest pass through), and a k or v head is also stored at the token'
 slot, a padding row of a CUDA-graph batch, writes nothing).
 
 The rotation is the one `RotaryEmbedding.rotate_` computes, x * cos + partner(x) * signed_sin, from the
-same `Rope` tables, with each product rounded to the activation dtype before the sum as there. The
+same `Rope` tables, but in float32 with one rounding to the activation dtype at the end (`rotate_`, like
+the Hugging Face reference, rounds each product too, so half-precision results may differ by one unit in
+the last place). The
 partner of channel c is c ^ 1 in the interleaved layout (GPT-J) and c +- rotary_dim / 2 in the
 rotate-half layout (GPT-NeoX, Llama).
 """
@@ -53,10 +55,8 @@ def _rotary_kv_write_kernel(
         xp = tl.load(row + partner, mask=rotating, other=0.0)
         cos = tl.load(cos_ptr + token * stride_rope_t + d, mask=rotating, other=1.0)
         sin = tl.load(sin_ptr + token * stride_rope_t + d, mask=rotating, other=0.0)
-        dtype = x.dtype
-        straight = (x.to(tl.float32) * cos.to(tl.float32)).to(dtype)
-        turned = (xp.to(tl.float32) * sin.to(tl.float32)).to(dtype)
-        x = tl.where(rotating, (straight.to(tl.float32) + turned.to(tl.float32)).to(dtype), x)
+        turned = x.to(tl.float32) * cos.to(tl.float32) + xp.to(tl.float32) * sin.to(tl.float32)
+        x = tl.where(rotating, turned.to(x.dtype), x)
         tl.store(row + d, x, mask=in_head)
     if head >= num_heads:  # k or v: to the cache (K heads, then V heads, as the cache orders them)
         slot = tl.load(slots_ptr + token).to(tl.int64)

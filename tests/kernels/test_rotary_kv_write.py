@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptserve.layers.rotary import RotaryEmbedding
+from gptserve.layers.rotary import Rope, RotaryEmbedding
 
 pytestmark = pytest.mark.gpu
 
@@ -42,15 +42,16 @@ def test_rotary_kv_write_matches_rotate_then_write(
     rope = rotary.cos_sin(positions, dtype)
     cache = torch.randn(2 * num_kv_heads, num_slots, head_dim, device=device).to(dtype)
 
-    ref_qkv, ref_cache = qkv.clone(), cache.clone()
-    rotary.rotate_(ref_qkv[:, : (num_heads + num_kv_heads) * head_dim], rope)
+    # The reference rotates in float32 from the same tables and rounds once, as the kernel does.
+    ref_qkv, ref_cache = qkv.to(torch.float32, copy=True), cache.clone()
+    rotary.rotate_(ref_qkv[:, : (num_heads + num_kv_heads) * head_dim], Rope(rope.cos.float(), rope.sin.float()))
+    ref_qkv = ref_qkv.to(dtype)
     kv = ref_qkv[:, num_heads * head_dim :].view(num_tokens, 2 * num_kv_heads, head_dim)
     write_kv_reference(kv, ref_cache, slots)
 
     rotary_kv_write(qkv, rope.cos, rope.sin, num_heads, num_kv_heads, head_dim, interleaved, cache, slots)
-    if dtype == torch.float32:  # a fused multiply-add may round once where the reference rounds twice
-        torch.testing.assert_close(qkv, ref_qkv, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(cache, ref_cache, rtol=1e-6, atol=1e-6)
-    else:
-        assert torch.equal(qkv, ref_qkv)
-        assert torch.equal(cache, ref_cache)
+    # A fused multiply-add rounds once where the reference rounds twice: within 1e-6 in float32, and in
+    # half precision the two float32 results may fall either side of a rounding boundary (one unit).
+    tolerance = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(qkv, ref_qkv, rtol=tolerance, atol=1e-5)
+    torch.testing.assert_close(cache, ref_cache, rtol=tolerance, atol=1e-5)
