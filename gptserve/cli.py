@@ -59,7 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "on", "off"],
         help="launch the next decode step before the host has this step's tokens, overlapping the "
-        "host's work with the GPU's (auto: on for CUDA with one rank)",
+        "host's work with the GPU's (auto: on for CUDA)",
     )
 
 

@@ -230,12 +230,12 @@ def build_engine(
 
 
 def _async_scheduling(opts: EngineOptions, device: torch.device) -> bool:
-    """Whether steps run ahead of the host: as asked, else on CUDA with one rank (on a CPU the model and
-    the host share the cores, so there is nothing to overlap; under tensor parallelism only when asked,
-    the ranks then taking rank 0's sampled tokens from a broadcast inside the step)."""
+    """Whether steps run ahead of the host: as asked, else on CUDA (on a CPU the model and the host share
+    the cores, so there is nothing to overlap). Under tensor parallelism the ranks take rank 0's sampled
+    tokens from a broadcast inside the step."""
     if opts.async_scheduling is not None:
         return opts.async_scheduling
-    return device.type == "cuda" and parallel_state.world_size() == 1
+    return device.type == "cuda"
 
 
 def _leave_as_worker(world: TensorParallelWorld | None, device: torch.device) -> NoReturn:

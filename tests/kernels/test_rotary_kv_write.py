@@ -44,7 +44,8 @@ def test_rotary_kv_write_matches_rotate_then_write(
 
     # The reference rotates in float32 from the same tables and rounds once, as the kernel does.
     ref_qkv, ref_cache = qkv.to(torch.float32, copy=True), cache.clone()
-    rotary.rotate_(ref_qkv[:, : (num_heads + num_kv_heads) * head_dim], Rope(rope.cos.float(), rope.sin.float()))
+    rope32 = Rope(rope.cos.float(), rope.sin.float())
+    rotary.rotate_(ref_qkv[:, : (num_heads + num_kv_heads) * head_dim], rope32)
     ref_qkv = ref_qkv.to(dtype)
     kv = ref_qkv[:, num_heads * head_dim :].view(num_tokens, 2 * num_kv_heads, head_dim)
     write_kv_reference(kv, ref_cache, slots)

@@ -1,5 +1,6 @@
 """Tensor parallelism on two GPUs over NCCL: two ranks generate what one GPU generates (graphs on one
-GPU and on two, graphs on both), and closing the engine ends the worker promptly (needs 2 GPUs)."""
+GPU and on two, with and without asynchronous scheduling), and closing the engine ends the worker promptly
+(needs 2 GPUs)."""
 
 from __future__ import annotations
 
@@ -39,11 +40,13 @@ def generate(path, one_at_a_time: bool, **options) -> list[CompletionOutput]:
         assert time.monotonic() - start < 20  # the worker left by itself, nobody waited to kill it
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("arch", ["gptj", "llama"])
-def test_nccl_tp2_equals_one_gpu_fp32(odd_vocab_models, arch):
+def test_nccl_tp2_equals_one_gpu_fp32(odd_vocab_models, arch, async_scheduling):
+    """With asynchronous scheduling the ranks take rank 0's sampled tokens from a broadcast in the step."""
     path = odd_vocab_models[arch]
-    ref = generate(path, False, dtype="fp32")
-    got = generate(path, False, dtype="fp32", tensor_parallel_size=2)
+    ref = generate(path, False, dtype="fp32", async_scheduling=False)
+    got = generate(path, False, dtype="fp32", tensor_parallel_size=2, async_scheduling=async_scheduling)
     assert current_world() is None
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert_close_logprobs(ref, got, atol=1e-3)
