@@ -15,6 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
+from gptserve.layers.fused import add_norm, linear_activation, linear_deferring_bias
 from gptserve.models.weights import embedding, load_hf_weights
 from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
 from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
@@ -47,8 +48,9 @@ class GPT2MLP(nn.Module):
         self.c_proj = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP as (y, bias): c_proj's bias is left for the residual add where that fuses."""
+        return linear_deferring_bias(self.c_proj, linear_activation(self.c_fc, self.act, x))
 
 
 class GPT2Block(nn.Module):
@@ -59,9 +61,13 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, h: torch.Tensor, x: torch.Tensor, next_norm: nn.LayerNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = ln_1(x) -> (next_norm(x'), x'): each residual add fused with the norm after it."""
+        h, x = add_norm(self.ln_2, x, self.attn(h))
+        mlp, bias = self.mlp(h)
+        return add_norm(next_norm, x, mlp, bias=bias)
 
 
 class GPT2Model(nn.Module):
@@ -74,9 +80,11 @@ class GPT2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
-            x = block(x)
-        return self.ln_f(x)
+        h = self.h[0].ln_1(x)
+        next_norms = [block.ln_1 for block in self.h[1:]] + [self.ln_f]
+        for block, next_norm in zip(self.h, next_norms):
+            h, x = block(h, x, next_norm)
+        return h
 
 
 class GPT2LMHeadModel(nn.Module):

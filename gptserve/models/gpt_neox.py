@@ -15,6 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
+from gptserve.layers.fused import add_norm, linear_activation, linear_deferring_bias
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
 from gptserve.parallel import parallel_state
@@ -49,8 +50,9 @@ class GPTNeoXMLP(nn.Module):
         self.dense_4h_to_h = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP as (y, bias): the last bias is left for the residual add where that fuses."""
+        return linear_deferring_bias(self.dense_4h_to_h, linear_activation(self.dense_h_to_4h, self.act, x))
 
 
 class GPTNeoXLayer(nn.Module):
@@ -64,12 +66,19 @@ class GPTNeoXLayer(nn.Module):
         if self.use_parallel_residual:  # one all-reduce for both, below
             defer_reduction(self.attention.dense, self.mlp.dense_4h_to_h)
 
-    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attention(rope, self.input_layernorm(x))
-        if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return parallel_state.all_reduce(self.mlp(self.post_attention_layernorm(x)) + attn) + x
-        h = attn + x
-        return self.mlp(self.post_attention_layernorm(h)) + h
+    def forward(
+        self, rope: Rope, h: torch.Tensor, x: torch.Tensor, next_norm: nn.LayerNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = input_layernorm(x) -> (next_norm(x'), x'): each residual add fused with the norm after it."""
+        attn = self.attention(rope, h)
+        if self.use_parallel_residual:  # x' = x + attn(ln1(x)) + mlp(ln2(x))
+            mlp, bias = self.mlp(self.post_attention_layernorm(x))
+            if parallel_state.world_size() > 1:
+                return add_norm(next_norm, x, parallel_state.all_reduce(mlp + attn), bias=bias)
+            return add_norm(next_norm, x, mlp, attn, bias=bias)
+        h, x = add_norm(self.post_attention_layernorm, x, attn)
+        mlp, bias = self.mlp(h)
+        return add_norm(next_norm, x, mlp, bias=bias)
 
 
 class GPTNeoXModel(nn.Module):
@@ -83,9 +92,11 @@ class GPTNeoXModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_in(input_ids)
         rope = self.rotary_emb.cos_sin(positions, x.dtype)  # looked up once for all layers
-        for layer in self.layers:
-            x = layer(rope, x)
-        return self.final_layer_norm(x)
+        h = self.layers[0].input_layernorm(x)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.final_layer_norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            h, x = layer(rope, h, x, next_norm)
+        return h
 
 
 class GPTNeoXForCausalLM(nn.Module):

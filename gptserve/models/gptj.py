@@ -13,6 +13,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
+from gptserve.layers.fused import add_norm, linear_activation, linear_deferring_bias
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
 from gptserve.parallel import parallel_state
@@ -47,8 +48,9 @@ class GPTJMLP(nn.Module):
         self.fc_out = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.act(self.fc_in(x)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fc_out(act(fc_in(x))) as (y, bias): fc_out's bias is left for the residual add where that fuses."""
+        return linear_deferring_bias(self.fc_out, linear_activation(self.fc_in, self.act, x))
 
 
 class GPTJBlock(nn.Module):
@@ -59,9 +61,16 @@ class GPTJBlock(nn.Module):
         self.mlp = GPTJMLP(config)
         defer_reduction(self.attn.out_proj, self.mlp.fc_out)  # one all-reduce for both, below
 
-    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        return parallel_state.all_reduce(self.attn(rope, h) + self.mlp(h)) + x
+    def forward(
+        self, rope: Rope, h: torch.Tensor, x: torch.Tensor, next_norm: nn.LayerNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = ln_1(x) -> (next_norm(x'), x') with x' = x + attn(h) + mlp(h), the next block's (or the
+        final) LayerNorm fused with the residual add."""
+        attn = self.attn(rope, h)
+        mlp, bias = self.mlp(h)
+        if parallel_state.world_size() > 1:
+            return add_norm(next_norm, x, parallel_state.all_reduce(attn + mlp), bias=bias)
+        return add_norm(next_norm, x, attn, mlp, bias=bias)
 
 
 class GPTJModel(nn.Module):
@@ -75,9 +84,11 @@ class GPTJModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids)
         rope = self.rotary_emb.cos_sin(positions, x.dtype)  # looked up once for all layers
-        for block in self.h:
-            x = block(rope, x)
-        return self.ln_f(x)
+        h = self.h[0].ln_1(x)
+        next_norms = [block.ln_1 for block in self.h[1:]] + [self.ln_f]
+        for block, next_norm in zip(self.h, next_norms):
+            h, x = block(rope, h, x, next_norm)
+        return h
 
 
 class GPTJForCausalLM(nn.Module):

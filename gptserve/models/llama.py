@@ -15,6 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import ActAndMul
 from gptserve.layers.attention import Attention
+from gptserve.layers.fused import add_norm
 from gptserve.layers.norms import RMSNorm
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
@@ -59,9 +60,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, rope: Rope, h: torch.Tensor, x: torch.Tensor, next_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = input_layernorm(x) -> (next_norm(x'), x'): each residual add fused with the norm after it."""
+        h, x = add_norm(self.post_attention_layernorm, x, self.self_attn(rope, h))
+        return add_norm(next_norm, x, self.mlp(h))
 
 
 class LlamaModel(nn.Module):
@@ -76,9 +80,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb.cos_sin(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(rope, x)
-        return self.norm(x)
+        h = self.layers[0].input_layernorm(x)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            h, x = layer(rope, h, x, next_norm)
+        return h
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,64 @@
+"""Block epilogues that run as single kernels on a GPU: the residual add with the norm that follows it, a
+GEMM's bias with its activation, and a bias left out of a GEMM for the residual add to carry.
+
+Off CUDA each falls back to the plain PyTorch ops in the order the models always used, so CPU results are
+exactly those of the unfused modules. On CUDA the fused kernels compute in float32 and round once, which
+may differ from the unfused half-precision ops in the last bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptserve.layers.activation import Activation
+from gptserve.layers.norms import RMSNorm
+from gptserve.parallel import parallel_state
+from gptserve.parallel.linear import RowParallelLinear
+
+
+def add_norm(
+    norm: nn.LayerNorm | RMSNorm,
+    residual: torch.Tensor,
+    *deltas: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(r), r) with r = (sum of deltas (+ bias)) + residual; one or two deltas."""
+    if residual.is_cuda and len(deltas) <= 2:
+        from gptserve.kernels.residual_norm import residual_norm
+
+        rms = isinstance(norm, RMSNorm)
+        norm_bias = None if rms else norm.bias
+        delta2 = deltas[1] if len(deltas) == 2 else None
+        return residual_norm(residual, deltas[0], norm.weight, norm_bias, norm.eps, rms, delta2, bias)
+    total = deltas[0]
+    for delta in deltas[1:]:
+        total = total + delta
+    if bias is not None:
+        total = total + bias
+    residual = total + residual
+    return norm(residual), residual
+
+
+def linear_activation(linear: nn.Module, activation: Activation, x: torch.Tensor) -> torch.Tensor:
+    """activation(linear(x)); on CUDA a plain layer's bias and the activation are one kernel."""
+    if x.is_cuda and type(linear) is nn.Linear and linear.bias is not None:
+        from gptserve.kernels.bias_activation import KERNEL_ACTIVATIONS, bias_activation_
+
+        if activation.name in KERNEL_ACTIVATIONS:
+            return bias_activation_(F.linear(x, linear.weight), linear.bias, activation.name)
+    return activation(linear(x))
+
+
+def linear_deferring_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, bias) where y + bias = linear(x): on CUDA a plain or row-parallel layer's bias is left out of
+    the GEMM and returned for `add_norm` to add (after the reduction, where the layer reduces); elsewhere
+    the bias is inside y and None is returned."""
+    if x.is_cuda and linear.bias is not None:
+        if type(linear) is nn.Linear:
+            return F.linear(x, linear.weight), linear.bias
+        if type(linear) is RowParallelLinear:
+            y = F.linear(x, linear.weight)
+            return (parallel_state.all_reduce(y) if linear.reduce else y), linear.bias
+    return linear(x), None
