@@ -14,8 +14,9 @@ from torch import nn
 
 from gptserve.layers.activation import Activation
 from gptserve.layers.norms import RMSNorm
+from gptserve.layers.quantized_linear import WeightOnlyLinear
 from gptserve.parallel import parallel_state
-from gptserve.parallel.linear import RowParallelLinear
+from gptserve.parallel.linear import ReducedLinear, RowParallelLinear
 
 
 def add_norm(
@@ -42,23 +43,38 @@ def add_norm(
 
 
 def linear_activation(linear: nn.Module, activation: Activation, x: torch.Tensor) -> torch.Tensor:
-    """activation(linear(x)); on CUDA a plain layer's bias and the activation are one kernel."""
-    if x.is_cuda and type(linear) is nn.Linear and linear.bias is not None:
+    """activation(linear(x)); on CUDA the layer's bias and the activation are one kernel."""
+    if x.is_cuda and linear.bias is not None:
         from gptserve.kernels.bias_activation import KERNEL_ACTIVATIONS, bias_activation_
 
-        if activation.name in KERNEL_ACTIVATIONS:
-            return bias_activation_(F.linear(x, linear.weight), linear.bias, activation.name)
+        split = _product_and_bias(linear, x) if activation.name in KERNEL_ACTIVATIONS else None
+        if split is not None:
+            return bias_activation_(split[0], split[1], activation.name)
     return activation(linear(x))
 
 
 def linear_deferring_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, bias) where y + bias = linear(x): on CUDA a plain or row-parallel layer's bias is left out of
-    the GEMM and returned for `add_norm` to add (after the reduction, where the layer reduces); elsewhere
-    the bias is inside y and None is returned."""
+    """(y, bias) where y + bias = linear(x): on CUDA the layer's bias is left out of the product and
+    returned for `add_norm` to add (after the reduction, where the layer reduces); elsewhere the bias is
+    inside y and None is returned."""
     if x.is_cuda and linear.bias is not None:
-        if type(linear) is nn.Linear:
-            return F.linear(x, linear.weight), linear.bias
-        if type(linear) is RowParallelLinear:
-            y = F.linear(x, linear.weight)
-            return (parallel_state.all_reduce(y) if linear.reduce else y), linear.bias
+        split = _product_and_bias(linear, x)
+        if split is not None:
+            return split
     return linear(x), None
+
+
+def _product_and_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's output without its bias (reduced over the ranks where the layer reduces), and the
+    bias; None for a layer that cannot leave its bias out."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight), linear.bias
+    if isinstance(linear, WeightOnlyLinear):
+        return linear.product(x), linear.bias
+    if type(linear) is RowParallelLinear:
+        y = F.linear(x, linear.weight)
+    elif type(linear) is ReducedLinear:  # a quantized row-parallel layer
+        y = linear.inner(x)
+    else:
+        return None
+    return (parallel_state.all_reduce(y) if linear.reduce else y), linear.bias

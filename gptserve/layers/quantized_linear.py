@@ -25,7 +25,7 @@ from torch import nn
 INT4_GROUP = 32
 
 
-class _WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(nn.Module):
     """Shared dispatch: compact kernel for few rows, dense GEMM (if kept) for many."""
 
     dense: torch.Tensor | None
@@ -44,8 +44,17 @@ class _WeightOnlyLinear(nn.Module):
             y = y + self.bias
         return y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T without the bias, for a caller that adds the bias in a fused kernel."""
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if self.dense is not None and flat.shape[0] > self.small_batch:
+            y = F.linear(flat, self.dense)
+        else:
+            y = self._compact(flat)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
 
-class Int8Linear(_WeightOnlyLinear):
+
+class Int8Linear(WeightOnlyLinear):
     """y = x @ (w_int8 * scale)^T + bias, with one scale per output channel."""
 
     small_batch = 4
@@ -78,7 +87,7 @@ class Int8Linear(_WeightOnlyLinear):
         return F.linear(flat, self.weight.to(flat.dtype)) * self.scale
 
 
-class Int4Linear(_WeightOnlyLinear):
+class Int4Linear(WeightOnlyLinear):
     """Group-wise asymmetric 4-bit weights (groups of 32 input channels)."""
 
     small_batch = 16

@@ -29,6 +29,21 @@ def test_matches_dequantized_reference(cls, dtype, rows):
     assert (q(x).float() - reference).abs().max().item() < tolerance
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("dense_copy", [False, True])
+def test_product_is_the_output_without_the_bias(cls, dense_copy):
+    """What a fused bias kernel adds to: `product` + bias is the layer's output, compact or dense path."""
+    dense = _linear(64, 128, torch.bfloat16)
+    q = cls.from_linear(dense)
+    if dense_copy:
+        q.dense = dense.weight.detach()
+    for rows in (1, cls.small_batch + 1):
+        x = torch.randn(2, rows, 128).to(torch.bfloat16)  # leading dimensions are kept
+        y = q.product(x)
+        assert y.shape == (2, rows, 64)
+        torch.testing.assert_close(y + q.bias, q(x), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("cls,bound", [(Int8Linear, 0.01), (Int4Linear, 0.1)])
 def test_quantization_error_is_bounded(cls, bound):
     dense = _linear(64, 256, torch.float32)
