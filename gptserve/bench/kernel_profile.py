@@ -44,6 +44,7 @@ class KernelTimes:
     device: str
     micros: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    by_name: dict[str, tuple[float, int]] = field(default_factory=dict)  # kernel -> (micros, calls)
     steps: int = 0
     wall_s: float = 0.0  # the window's wall time, under the profiler
 
@@ -78,7 +79,19 @@ class KernelTimes:
                         f"{self.calls[kind] / max(self.steps, 1):.1f} calls a step",
                     )
                 )
+        rows += self._largest(OTHER, 4)
         return rows
+
+    def _largest(self, kind: str, count: int) -> list[tuple[str, str]]:
+        """Rows for the `count` kernels of `kind` that take the most time: what the kind is made of."""
+        steps = max(self.steps, 1)
+        named = [
+            (micros, calls, name) for name, (micros, calls) in self.by_name.items() if kind_of(name) == kind
+        ]
+        return [
+            (f"    {name[:48]}", f"{micros / 1e3 / steps:.3f} ms a step, {calls / steps:.1f} calls a step")
+            for micros, calls, name in sorted(named, reverse=True)[:count]
+        ]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -112,6 +125,8 @@ def profiled(device: torch.device) -> Iterator[KernelTimes]:
         kind = kind_of(event.key)
         times.micros[kind] = times.micros.get(kind, 0.0) + micros
         times.calls[kind] = times.calls.get(kind, 0) + event.count
+        micros_before, calls_before = times.by_name.get(event.key, (0.0, 0))
+        times.by_name[event.key] = (micros_before + micros, calls_before + event.count)
 
 
 def profile_engine_steps(engine: Any, work: Callable[[], object]) -> KernelTimes:

@@ -45,6 +45,11 @@ def test_latency_profile_counts_the_decode_steps(tiny_gptj, tmp_path, capsys):
     assert main(["bench", "latency", str(tiny_gptj), *ENGINE_FLAGS, *flags]) == 0
     out = capsys.readouterr().out
     assert "profile (CPU operators)" in out and "6 steps" in out  # the prefill and 5 decode steps
+    # the largest operators of the "other" kind are named under it
+    other = out.splitlines()[
+        [i for i, line in enumerate(out.splitlines()) if line.startswith("  other")][0] + 1
+    ]
+    assert other.startswith("    aten::") and "calls a step" in other
     profile = json.loads(figures.read_text())["profile"]
     assert profile["device"] == "cpu" and profile["steps"] == 6
     assert profile["ms_per_step"]["matmul"] > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptserve.llm import LLM
-from gptserve.outputs import CompletionOutput
+from gptserve.outputs import CompletionOutput, TokenLogprob
 from gptserve.parallel.launcher import current_world
 from gptserve.sampling_params import SamplingParams
 from tests.conftest import random_prompts
@@ -55,11 +55,20 @@ def test_nccl_tp2_equals_one_gpu_fp32(odd_vocab_models, arch, async_scheduling):
 @pytest.mark.parametrize("arch", ["gptj", "llama"])
 def test_nccl_tp2_lone_prompts_bf16(odd_vocab_models, arch):
     """bf16 prompts one at a time (FlashAttention varlen prefill on each rank). Rounding differs between
-    one GPU and a sum of two halves, so the first token's distribution is compared."""
+    one GPU and a sum of two halves, so the first token's distribution is compared: the same top tokens
+    within 0.1 nats, and each picks a token the other ranks within 0.1 of its best (a tiny random model
+    has near-ties that rounding may break either way)."""
     path = odd_vocab_models[arch]
     ref = generate(path, True, dtype="bf16")
     got = generate(path, True, dtype="bf16", tensor_parallel_size=2)
     for a, b in zip(ref, got):
-        first_a, first_b = a.logprobs[0], b.logprobs[0]
-        assert first_a.token_id == first_b.token_id
-        assert max(abs(p - q) for (_, p), (_, q) in zip(first_a.top, first_b.top)) < 0.1
+        assert_same_first_distribution(a.logprobs[0], b.logprobs[0], 0.1)
+
+
+def assert_same_first_distribution(a: TokenLogprob, b: TokenLogprob, tolerance: float) -> None:
+    top_a, top_b = dict(a.top), dict(b.top)
+    shared = top_a.keys() & top_b.keys()
+    assert len(shared) >= len(top_a) - 1
+    assert max(abs(top_a[t] - top_b[t]) for t in shared) < tolerance
+    assert top_a.get(b.token_id, -float("inf")) > max(top_a.values()) - tolerance
+    assert top_b.get(a.token_id, -float("inf")) > max(top_b.values()) - tolerance
