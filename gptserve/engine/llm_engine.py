@@ -243,8 +243,8 @@ class LLMEngine:
 
     def _can_run_ahead(self, scheduled: list[ScheduledSeq], targets: list[tuple[Request, Sequence]]) -> bool:
         """Whether the next step may be launched from this step's tokens on the device: every running
-        sequence samples now, none reads token history, nothing waits to be admitted."""
-        if not self.config.scheduler.async_scheduling or self.scheduler.waiting:
+        sequence samples now, none reads token history, and no waiting request could be admitted."""
+        if not self.config.scheduler.async_scheduling:
             return False
         if len(targets) != len(scheduled) or len(targets) > self.config.scheduler.max_num_batched_tokens:
             return False
@@ -252,7 +252,20 @@ class LLMEngine:
             return False
         if sum(len(r.live_seqs) for r in self.scheduler.running) != len(targets):
             return False
+        if self.scheduler.waiting and not self._admits_none_next(targets):
+            return False
         return all(seq.sampling_row is not None for _, seq in targets)
+
+    def _admits_none_next(self, targets: list[tuple[Request, Sequence]]) -> bool:
+        """With requests waiting, whether the next step would admit none of them anyway: the running set
+        is at `max_num_seqs` and no sequence reaches its length limit at this step. (A sequence that ends
+        on a stop token frees its place one step later than it would without the step run ahead.)"""
+        if len(targets) < self.config.scheduler.max_num_seqs:
+            return False
+        return not any(
+            self._ends_by_length(request.params, seq.num_output_tokens + 1, seq.num_tokens + 1)
+            for request, seq in targets
+        )
 
     def _run_ahead(self, targets: list[tuple[Request, Sequence]], tokens: torch.Tensor) -> None:
         """Launch the decode step that follows this one for every sequence that will not end by length,

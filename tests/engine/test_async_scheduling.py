@@ -97,6 +97,41 @@ def test_abort_while_a_step_runs_ahead(llms):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+def test_steps_run_ahead_while_requests_wait_for_a_full_running_set(tiny_models):
+    """More requests than `max_num_seqs`: while the running set is full and no sequence reaches its
+    length limit, no waiting request could be admitted, so steps still run ahead. Sequences ending on a
+    stop token (their places go to waiting requests a step later) and by length give what synchronous
+    steps give, and every block comes back."""
+    path, _ = tiny_models["llama"]
+    sync, ahead = (LLM(str(path), async_scheduling=flag, max_num_seqs=3, **ENGINE) for flag in (False, True))
+    prompts = random_prompts(9, 509, [4, 9, 17], seed=5)
+    free = [
+        o.outputs[0].token_ids for o in sync.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    ]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[tokens[2 + i % 7]])
+        if i % 2
+        else SamplingParams(temperature=0.0, max_tokens=4 + i, ignore_eos=True)
+        for i, tokens in enumerate(free)
+    ]
+    _assert_same(ahead.generate(prompts, params), sync.generate(prompts, params))
+
+    engine = ahead.engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    for i, prompt in enumerate(prompts[:6]):
+        engine.add_request(f"w{i}", prompt, greedy)
+    ahead_while_waiting = 0
+    while engine.scheduler.waiting:
+        before = engine.num_steps_ahead
+        engine.step()
+        if engine.scheduler.waiting:  # launched while three requests still waited
+            ahead_while_waiting += engine.num_steps_ahead - before
+    assert ahead_while_waiting > 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
 def test_stop_strings_end_sequences_while_a_step_runs_ahead(tmp_path):
     """A stop string is found in the text after the step that completed it, while the next step is
     already in flight: the text, tokens and stop reason equal those of synchronous steps."""
