@@ -24,11 +24,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     p.add_argument("--output", default=None, help="directory for the tuning file (default: the model's)")
     p.add_argument(
+        "--triton",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the Triton matrix product's launch configurations (split-K for few rows)",
+    )
+    p.add_argument(
         "--keep",
         choices=["winners", "all"],
         default="winners",
-        help="winners: keep a pick only where it beats cuBLAS's default by 2%% (timed again in CUDA "
-        "graphs); all: keep every pick",
+        help="winners: serve a pick only where it beats cuBLAS's default by 2%% (timed again in CUDA "
+        "graphs); all: serve the faster of TunableOp's pick and the best Triton configuration everywhere",
     )
 
 
@@ -58,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     shapes = model_gemm_shapes(config, tp)
     out_dir = Path(args.output) if args.output else tuning_dir(args.model)
     min_gain = MIN_GAIN if args.keep == "winners" else -float("inf")
-    tuned = tune_gemms(shapes, rows, dtype, out_dir, device, min_gain=min_gain)
-    kept = sum(t.kept for t in tuned)
+    tuned = tune_gemms(shapes, rows, dtype, out_dir, device, min_gain=min_gain, triton=args.triton)
+    served = {by: sum(t.served == by for t in tuned) for by in ("tunableop", "triton", "cublas")}
     print(
         f"tuned {len(tuned)} GEMMs ({len(shapes)} weight shapes x {len(rows)} row counts) into {out_dir}: "
-        f"{kept} picks kept, cuBLAS's default serves the other {len(tuned) - kept}"
+        f"{served['tunableop']} served by TunableOp picks, {served['triton']} by Triton configurations, "
+        f"cuBLAS's default serves the other {served['cublas']}"
     )
     print(f"{'rows':>6}  {'cuBLAS default':>15}  {'tuned':>10}  speed-up  (GEMM time of one forward pass)")
     for m, entry in sorted(step_estimates(tuned).items(), key=lambda kv: int(kv[0])):

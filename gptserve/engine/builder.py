@@ -190,7 +190,7 @@ def build_engine(
     try:
         net = load_model(checkpoint, model_config, device, dtype, opts)
         if device.type == "cuda":  # `gptserve tune`'s file beside the model, before any GEMM runs
-            load_tuning(model, device)
+            load_tuning(model, device, net)
         if parallel_state.rank() != 0:
             _serve_worker(net, model_config, device, dtype)
     except BaseException:

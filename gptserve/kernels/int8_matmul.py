@@ -3,10 +3,11 @@
 The int8 weights are read once and widened to the activation dtype in registers, so a decode step reads
 half the bytes of fp16 weights. One row (a single sequence's decode step) takes a GEMV kernel: each
 program reduces BLOCK_N weight rows against the activation row, with no tensor-core tile to fill. More
-rows take a tiled kernel: each program computes a BLOCK_M x BLOCK_N tile over one slice of the inner
-dimension; for the few rows of a batched decode step the inner dimension is split (SPLIT_K) so that
-enough programs run to saturate memory bandwidth, and the float32 partial sums are added afterwards.
-Tile shapes are chosen by Triton's autotuner per weight shape and row-count bucket.
+rows take the tiled kernel of `gptserve.kernels.matmul`: each program computes a BLOCK_M x BLOCK_N tile
+over one slice of the inner dimension; for the few rows of a batched decode step the inner dimension is
+split (SPLIT_K) so that enough programs run to saturate memory bandwidth, and the float32 partial sums
+are added, scaled and rounded by one more kernel. Tile shapes are chosen by Triton's autotuner per weight
+shape and row-count bucket.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from gptserve.kernels.matmul import matmul_kernel, sum_splits
 
 MAX_SPLIT_K = 8
 SMALL_M = 16  # at most this many rows take the split-K decode configurations
@@ -34,52 +37,6 @@ def _configs(small: bool) -> list[triton.Config]:
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "SPLIT_K": 1}, num_warps=w, num_stages=4)
         for m, n, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8))
     ]
-
-
-@triton.jit
-def _int8_matmul_kernel(
-    x_ptr,
-    w_ptr,
-    scale_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    M_BUCKET,  # autotuning key only
-    stride_xm,
-    stride_wn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    PARTIAL: tl.constexpr,  # write float32 partial sums [SPLIT_K, M, N] instead of the scaled output
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_span
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_span, BLOCK_K):
-        k = k0 + rk
-        x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
-        w = tl.load(w_cols + k[:, None], mask=(rn[None, :] < N) & (k[:, None] < K), other=0)
-        acc = tl.dot(x, w.to(x.dtype), acc)
-    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if not PARTIAL:
-        scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        y = acc * scale[None, :]
-        tl.store(
-            out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty), out_mask
-        )
-    else:
-        part = out_ptr + (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
-        tl.store(part, acc, out_mask)
 
 
 @triton.jit
@@ -114,8 +71,8 @@ def _quick_bench(fn, quantiles=None, **_):
 
 
 _KEY = ["M_BUCKET", "N", "K"]
-_small = triton.autotune(configs=_configs(True), key=_KEY, do_bench=_quick_bench)(_int8_matmul_kernel)
-_large = triton.autotune(configs=_configs(False), key=_KEY, do_bench=_quick_bench)(_int8_matmul_kernel)
+_small = triton.autotune(configs=_configs(True), key=_KEY, do_bench=_quick_bench)(matmul_kernel)
+_large = triton.autotune(configs=_configs(False), key=_KEY, do_bench=_quick_bench)(matmul_kernel)
 _gemv = triton.autotune(
     configs=[
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
@@ -147,14 +104,13 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     args = (m, n, k, bucket, x.stride(0), weight.stride(0))
     if m > SMALL_M:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        _large[grid](x, weight, scale, out, *args, PARTIAL=False)
+        _large[grid](x, weight, scale, x, out, *args, HAS_SCALE=True, HAS_BIAS=False, PARTIAL=False)
         return out
     # The autotuner picks the split count, so the buffer holds the most splits any configuration uses
     # and the sum runs over the ones the chosen configuration wrote.
     partial = torch.empty((MAX_SPLIT_K, m, n), dtype=torch.float32, device=x.device)
-    _small[grid](x, weight, scale, partial, *args, PARTIAL=True)
-    splits = _small.best_config.kwargs["SPLIT_K"]
-    return (partial[:splits].sum(0) * scale.float()).to(x.dtype)
+    _small[grid](x, weight, scale, x, partial, *args, HAS_SCALE=True, HAS_BIAS=False, PARTIAL=True)
+    return sum_splits(partial, _small.best_config.kwargs["SPLIT_K"], scale, None, x.dtype)
 
 
 def int8_matmul_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from gptserve.layers.activation import Activation
 from gptserve.layers.norms import RMSNorm
 from gptserve.layers.quantized_linear import WeightOnlyLinear
+from gptserve.layers.tuned_linear import TunedLinear
 from gptserve.parallel import parallel_state
 from gptserve.parallel.linear import ReducedLinear, RowParallelLinear
 
@@ -40,6 +41,13 @@ def add_norm(
         total = total + bias
     residual = total + residual
     return norm(residual), residual
+
+
+def bias_in_epilogue(*layers: nn.Module) -> None:
+    """Mark layers whose bias the fused kernels add on CUDA (`linear_activation`, `linear_deferring_bias`),
+    so `gptserve tune` times their GEMMs without it, as they run."""
+    for layer in layers:
+        layer.bias_in_epilogue = True
 
 
 def linear_activation(linear: nn.Module, activation: Activation, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +77,7 @@ def _product_and_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     bias; None for a layer that cannot leave its bias out."""
     if type(linear) is nn.Linear:
         return F.linear(x, linear.weight), linear.bias
-    if isinstance(linear, WeightOnlyLinear):
+    if isinstance(linear, WeightOnlyLinear | TunedLinear):
         return linear.product(x), linear.bias
     if type(linear) is RowParallelLinear:
         y = F.linear(x, linear.weight)

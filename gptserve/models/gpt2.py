@@ -15,7 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.fused import add_norm, linear_activation, linear_deferring_bias
+from gptserve.layers.fused import add_norm, bias_in_epilogue, linear_activation, linear_deferring_bias
 from gptserve.models.weights import embedding, load_hf_weights
 from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
 from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
@@ -47,6 +47,7 @@ class GPT2MLP(nn.Module):
         self.c_fc = column_parallel_linear(config.hidden_size, config.intermediate_size)
         self.c_proj = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
+        bias_in_epilogue(self.c_fc, self.c_proj)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MLP as (y, bias): c_proj's bias is left for the residual add where that fuses."""

@@ -15,7 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.fused import add_norm, linear_activation, linear_deferring_bias
+from gptserve.layers.fused import add_norm, bias_in_epilogue, linear_activation, linear_deferring_bias
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
 from gptserve.parallel import parallel_state
@@ -49,6 +49,7 @@ class GPTNeoXMLP(nn.Module):
         self.dense_h_to_4h = column_parallel_linear(config.hidden_size, config.intermediate_size)
         self.dense_4h_to_h = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
+        bias_in_epilogue(self.dense_h_to_4h, self.dense_4h_to_h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MLP as (y, bias): the last bias is left for the residual add where that fuses."""

@@ -13,7 +13,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.fused import add_norm, linear_activation, linear_deferring_bias
+from gptserve.layers.fused import add_norm, bias_in_epilogue, linear_activation, linear_deferring_bias
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
 from gptserve.parallel import parallel_state
@@ -47,6 +47,7 @@ class GPTJMLP(nn.Module):
         self.fc_in = column_parallel_linear(config.hidden_size, config.intermediate_size)
         self.fc_out = row_parallel_linear(config.intermediate_size, config.hidden_size)
         self.act = Activation(config.activation)
+        bias_in_epilogue(self.fc_in, self.fc_out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fc_out(act(fc_in(x))) as (y, bias): fc_out's bias is left for the residual add where that fuses."""

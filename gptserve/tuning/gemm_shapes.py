@@ -35,8 +35,10 @@ def model_gemm_shapes(config: ModelConfig, tensor_parallel_size: int = 1) -> lis
     for name, module in net.named_modules():
         if isinstance(module, nn.Linear):
             # A row-parallel layer adds its bias after the all-reduce, outside the GEMM, unless its
-            # reduction is deferred (rank 0 then adds it in the GEMM; tuned here as rank 0 runs it).
+            # reduction is deferred (rank 0 then adds it in the GEMM; tuned here as rank 0 runs it); an
+            # MLP's biases are added by the fused kernels after the GEMM on CUDA.
             outside = isinstance(module, RowParallelLinear) and module.reduce
+            outside = outside or getattr(module, "bias_in_epilogue", False)
             bias = module.bias is not None and not outside
             key = (name.rsplit(".", 1)[-1], module.out_features, module.in_features, bias)
             counts[key] = counts.get(key, 0) + 1

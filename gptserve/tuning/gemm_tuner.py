@@ -1,18 +1,22 @@
 """Tune a model's GEMMs on this GPU with PyTorch TunableOp, and load the result when serving.
 
 FasterTransformer's `gpt_gemm` timed every cuBLAS algorithm for each GEMM shape of GPT-J and wrote the
-winners to `gemm_config.in`. Here PyTorch's TunableOp does the search: for each (rows, n, k) shape the
-model runs it times cuBLAS's default and the cuBLASLt algorithms and picks the fastest. Each pick is then
-timed against cuBLAS's default once more, both captured in CUDA graphs and replayed in turn (GPU time
-only, as a decode step's graph sees it), and kept only where it wins by `min_gain`: TunableOp's own
-timing is short and a pick can lose on a second look. Serving with the file loaded (tuning itself off)
-dispatches each kept GEMM to its pick, in eager steps and inside CUDA graphs alike, and every other GEMM to
-cuBLAS's default. The tuning files sit beside the model:
+winners to `gemm_config.in`. Here two searches run for each (rows, n, k) shape the model runs: PyTorch's
+TunableOp times cuBLAS's default and the cuBLASLt algorithms and picks the fastest, and every launch
+configuration of the Triton matrix product (`gptserve.kernels.matmul`: split-K tiles for decode-sized
+row counts, large tiles for prompts) is timed too. Each candidate is timed against cuBLAS's default,
+both captured in CUDA graphs and replayed in turn (GPU time only, as a decode step's graph sees it, the
+calls cycling through copies of the weight larger than the L2 cache together, so that each call reads its
+weight from memory as a model's GEMMs do); the
+fastest serves if it wins by `min_gain` (TunableOp's own timing is short and a pick can lose on a second
+look), else cuBLAS's default. Serving with the files loaded (tuning itself off) dispatches each GEMM to
+what won for it, in eager steps and inside CUDA graphs alike. The tuning files sit beside the model:
 
-- `gptserve-gemm-tuning.csv`: the kept picks in TunableOp's format (read by `torch.cuda.tunable`); not
-  written when cuBLAS's default won everywhere;
+- `gptserve-gemm-tuning.csv`: the TunableOp picks that serve, in TunableOp's format (read by
+  `torch.cuda.tunable`); not written when none serves;
 - `gptserve-gemm-tuning.json`: what was tuned, on which GPU and software, each GEMM's time with cuBLAS's
-  default and with the pick, whether it was kept, and the step-time estimate those give.
+  default, with TunableOp's pick and with the best Triton configuration (which it names), what serves
+  it, and the step-time estimate those give.
 
 A file tuned on another GPU model or PyTorch version is not loaded (serve logs why).
 """
@@ -41,6 +45,9 @@ TIMED_REPEATS = 15
 MIN_GAIN = 0.02  # a pick must be this much faster than cuBLAS's default to be kept
 
 
+SERVED_BY = ("cublas", "tunableop", "triton")
+
+
 @dataclass
 class TunedGemm:
     name: str
@@ -51,12 +58,17 @@ class TunedGemm:
     layers: int
     default_ms: float
     tuned_ms: float  # TunableOp's pick
-    kept: bool = True  # the pick beat the default by the minimum gain; otherwise the default serves
+    kept: bool = True  # TunableOp's pick serves (it won, by the minimum gain)
+    triton_ms: float | None = None  # the best Triton configuration
+    triton_config: dict[str, int] | None = None
+    served: str = "tunableop"  # one of SERVED_BY
 
     @property
     def served_ms(self) -> float:
-        """What the GEMM costs when serving with the tuning file: the pick if kept, else the default."""
-        return self.tuned_ms if self.kept else self.default_ms
+        """What the GEMM costs when serving with the tuning files."""
+        if self.served == "triton" and self.triton_ms is not None:
+            return self.triton_ms
+        return self.tuned_ms if self.served == "tunableop" else self.default_ms
 
 
 def tuning_dir(model: str | Path) -> Path:
@@ -66,17 +78,26 @@ def tuning_dir(model: str | Path) -> Path:
 
 
 def _captured(fn: Any, calls: int) -> torch.cuda.CUDAGraph:
-    """`calls` back-to-back calls of `fn` in one CUDA graph, after a warm-up call outside it."""
+    """`calls` back-to-back calls fn(0), fn(1), ... in one CUDA graph, after a warm-up call outside it."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        fn(0)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fn(i)
     return graph
+
+
+def _weight_copies(w: torch.Tensor) -> list[torch.Tensor]:
+    """`w` and enough copies of it that calls cycling through them read twice the L2 cache's size: each
+    call then reads its weight from memory, as a model's GEMMs do, instead of from the cache the previous
+    call filled (a 4096 x 4096 fp16 weight fits in an H100's L2)."""
+    l2 = getattr(torch.cuda.get_device_properties(w.device), "L2_cache_size", 64 << 20)
+    copies = min(8, max(1, -(-2 * l2 // (w.numel() * w.element_size()))))
+    return [w] + [w.clone() for _ in range(copies - 1)]
 
 
 def _calls_per_replay(m: int) -> int:
@@ -110,9 +131,11 @@ def tune_gemms(
     device: torch.device,
     max_tuning_ms: int = 30,
     min_gain: float = MIN_GAIN,
+    triton: bool = True,
 ) -> list[TunedGemm]:
-    """Tune every (shape, row count) and write the files into `out_dir`; returns the timings. A pick is
-    kept where it is at least `min_gain` faster than cuBLAS's default (a negative gain keeps every pick)."""
+    """Tune every (shape, row count) and write the files into `out_dir`; returns the timings. The faster
+    of TunableOp's pick and the best Triton configuration (with `triton`) serves where it is at least
+    `min_gain` faster than cuBLAS's default (a negative gain always takes the faster of the two)."""
     from torch.cuda import tunable
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,11 +152,11 @@ def tune_gemms(
     with torch.inference_mode(), progress_bar(len(problems), "tuning GEMMs", "gemm") as bar:
         for shape, m in problems:
             x = torch.randn(m, shape.k, device=device, dtype=dtype)
-            w = torch.randn(shape.n, shape.k, device=device, dtype=dtype) * 0.02
+            ws = _weight_copies(torch.randn(shape.n, shape.k, device=device, dtype=dtype) * 0.02)
             b = torch.randn(shape.n, device=device, dtype=dtype) if shape.bias else None
 
-            def gemm(x=x, w=w, b=b) -> torch.Tensor:
-                return F.linear(x, w, b)
+            def gemm(i: int, x=x, ws=ws, b=b) -> torch.Tensor:
+                return F.linear(x, ws[i % len(ws)], b)
 
             calls = _calls_per_replay(m)
             default_graph = _captured(gemm, calls)
@@ -141,38 +164,83 @@ def tune_gemms(
             tunable.enable(True)
             tunable.tuning_enable(True)
             tunable.set_max_tuning_duration(max_tuning_ms)
-            gemm()  # TunableOp searches this shape now
+            gemm(0)  # TunableOp searches this shape now
             tunable.tuning_enable(False)
             tuned_graph = _captured(gemm, calls)
             tunable.enable(False)
             default_ms, tuned_ms = _time_in_turn([default_graph, tuned_graph], calls)
-            kept = tuned_ms <= default_ms * (1 - min_gain)
-            if not kept:
-                dropped |= {tuple(r[:2]) for r in tunable.get_results()} - before
-            tuned.append(
-                TunedGemm(
-                    shape.name, m, shape.n, shape.k, shape.bias, shape.layers, default_ms, tuned_ms, kept
-                )
+            del tuned_graph
+            result = TunedGemm(
+                shape.name, m, shape.n, shape.k, shape.bias, shape.layers, default_ms, tuned_ms
             )
-            del default_graph, tuned_graph
+            if triton and dtype in (torch.float16, torch.bfloat16):  # (float32 dots would round to TF32)
+                _time_triton_candidates(result, default_graph, calls, x, ws, b)
+            _choose(result, min_gain)
+            if not result.kept:
+                dropped |= {tuple(r[:2]) for r in tunable.get_results()} - before
+            tuned.append(result)
+            del default_graph
             bar.update(1)
     if any(t.kept for t in tuned):
         _write_results(results_path, dropped)
     else:
         results_path.unlink(missing_ok=True)
     report = {
-        "format": 2,
+        "format": 3,
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "dtype": str(dtype).removeprefix("torch."),
         "min_gain": min_gain,
         "kept": sum(t.kept for t in tuned),
+        "served": {by: sum(t.served == by for t in tuned) for by in SERVED_BY},
         "gemms": [asdict(t) for t in tuned],
         "step_estimate_ms": step_estimates(tuned),
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return tuned
+
+
+def _time_triton_candidates(
+    result: TunedGemm,
+    default_graph: torch.cuda.CUDAGraph,
+    calls: int,
+    x: torch.Tensor,
+    ws: list[torch.Tensor],
+    b: torch.Tensor | None,
+) -> None:
+    """Time every Triton configuration for this GEMM against cuBLAS's default (each replayed in turn with
+    the default's graph) and record the fastest in `result`, in the default's milliseconds of the first
+    timing. A configuration this GPU cannot run (too much shared memory) is skipped."""
+    from gptserve.kernels.matmul import matmul
+    from gptserve.tuning.matmul_configs import candidate_configs
+
+    best: tuple[float, dict[str, int]] | None = None
+    for config in candidate_configs(result.rows):
+        try:
+            graph = _captured(lambda i, config=config: matmul(x, ws[i % len(ws)], b, config), calls)
+        except Exception as exc:  # noqa: BLE001 - Triton's compile and resource errors vary by version
+            logger.debug("Triton configuration %s skipped for %s: %s", config, result.name, exc)
+            continue
+        default_ms, triton_ms = _time_in_turn([default_graph, graph], calls)
+        ratio = triton_ms / default_ms
+        if best is None or ratio < best[0]:
+            best = (ratio, config.as_dict())
+        del graph
+    if best is not None:
+        result.triton_ms = best[0] * result.default_ms
+        result.triton_config = best[1]
+
+
+def _choose(result: TunedGemm, min_gain: float) -> None:
+    """What serves the GEMM: the faster of TunableOp's pick and the best Triton configuration if it beats
+    cuBLAS's default by `min_gain`, else the default."""
+    candidates = [("tunableop", result.tuned_ms)]
+    if result.triton_ms is not None:
+        candidates.append(("triton", result.triton_ms))
+    by, ms = min(candidates, key=lambda c: c[1])
+    result.served = by if ms <= result.default_ms * (1 - min_gain) else "cublas"
+    result.kept = result.served == "tunableop"
 
 
 def _write_results(path: Path, dropped: set[tuple[str, str]]) -> None:
@@ -200,9 +268,10 @@ def step_estimates(tuned: list[TunedGemm]) -> dict[str, dict[str, float]]:
     return out
 
 
-def load_tuning(model: str | Path | None, device: torch.device) -> bool:
-    """Serve with the tuning file beside `model`, if there is one for this GPU and PyTorch; logs what
-    it did. Returns whether TunableOp now dispatches from the file."""
+def load_tuning(model: str | Path | None, device: torch.device, net: torch.nn.Module | None = None) -> bool:
+    """Serve with the tuning files beside `model`, if there are some for this GPU and PyTorch: TunableOp
+    dispatches from its file, and `net`'s layers with Triton picks are wrapped to run them; logs what it
+    did. Returns whether anything tuned now serves."""
     if model is None or device.type != "cuda" or str(model).startswith("random:"):
         return False
     directory = tuning_dir(model)
@@ -210,33 +279,47 @@ def load_tuning(model: str | Path | None, device: torch.device) -> bool:
     if not report_path.is_file():
         return False
     report = json.loads(report_path.read_text())
-    if not results.is_file():
-        logger.info("GEMM tuning: cuBLAS's default was fastest for every GEMM tuned in %s", directory)
-        return False
     here = torch.cuda.get_device_name(device)
     if report.get("device") != here or report.get("torch") != torch.__version__:
         logger.warning(
             "GEMM tuning file %s was made on %s with torch %s; this is %s with torch %s: not loaded "
             "(run `gptserve tune` again)",
-            results,
+            report_path,
             report.get("device"),
             report.get("torch"),
             here,
             torch.__version__,
         )
         return False
-    from torch.cuda import tunable
-
-    tunable.set_filename(str(results))
-    tunable.enable(True)
-    tunable.tuning_enable(False)
-    tunable.read_file(str(results))
     gemms = report.get("gemms", [])
-    kept = sum(g.get("kept", True) for g in gemms)
+    picks = [g for g in gemms if g.get("served") == "triton" and g.get("triton_config")]
+    wrapped = 0
+    if picks and net is not None:
+        from gptserve.layers.tuned_linear import apply_tuned_configs
+
+        wrapped = apply_tuned_configs(net, picks)
+    tunableop = results.is_file()
+    if tunableop:
+        from torch.cuda import tunable
+
+        tunable.set_filename(str(results))
+        tunable.enable(True)
+        tunable.tuning_enable(False)
+        tunable.read_file(str(results))
+    if not tunableop and not wrapped:
+        logger.info("GEMM tuning: cuBLAS's default was fastest for every GEMM tuned in %s", directory)
+        return False
+    kept = sum(
+        g.get("served", "tunableop" if g.get("kept", True) else "cublas") == "tunableop" for g in gemms
+    )
     logger.info(
-        "GEMM tuning: loaded %d tuned GEMMs from %s (cuBLAS's default serves the other %d)",
+        "GEMM tuning: loaded %d tuned GEMMs from %s: %d TunableOp picks, %d Triton configurations "
+        "(%d layers); cuBLAS's default serves the other %d",
+        kept + len(picks),
+        directory,
         kept,
-        results,
-        len(gemms) - kept,
+        len(picks),
+        wrapped,
+        len(gemms) - kept - len(picks),
     )
     return True

@@ -20,17 +20,16 @@ def test_gptj_6b_shapes_on_one_and_two_ranks():
     assert model_gemm_shapes(GPTJ_6B, 1) == [
         GemmShape("qkv_proj", 12288, 4096, False, 28),
         GemmShape("out_proj", 4096, 4096, False, 28),
-        GemmShape("fc_in", 16384, 4096, True, 28),
-        GemmShape("fc_out", 4096, 16384, True, 28),
+        GemmShape("fc_in", 16384, 4096, False, 28),  # the MLP's biases: added by the fused kernels
+        GemmShape("fc_out", 4096, 16384, False, 28),
         GemmShape("lm_head", 50400, 4096, True, 1),
     ]
-    # Column-parallel layers split n, row-parallel ones k. GPT-J's parallel residual reduces attention and
-    # MLP outputs together, so rank 0 adds fc_out's bias inside the GEMM.
+    # Column-parallel layers split n, row-parallel ones k.
     assert model_gemm_shapes(GPTJ_6B, 2) == [
         GemmShape("qkv_proj", 6144, 4096, False, 28),
         GemmShape("out_proj", 4096, 2048, False, 28),
-        GemmShape("fc_in", 8192, 4096, True, 28),
-        GemmShape("fc_out", 4096, 8192, True, 28),
+        GemmShape("fc_in", 8192, 4096, False, 28),
+        GemmShape("fc_out", 4096, 8192, False, 28),
         GemmShape("lm_head", 25200, 4096, True, 1),
     ]
     assert parallel_state.world_size() == 1  # the assumed world is gone again
