@@ -203,6 +203,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None = default budget for the device
     num_blocks: int | None = None  # overrides the byte budget (tests)
     enable_prefix_caching: bool = True
+    dtype: torch.dtype | None = None  # of the cached K and V; None: the activations' dtype
 
 
 @dataclass

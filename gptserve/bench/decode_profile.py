@@ -119,7 +119,7 @@ def main() -> None:
     graphs = runner.cuda_graphs
     bandwidth = copy_bandwidth(torch.device("cuda"))
     weights = decode_weight_bytes(runner.model)
-    kv_token = kv_bytes_per_token(engine.model_config, torch.float16)
+    kv_token = kv_bytes_per_token(engine.model_config, engine.runner.layers[0].kv_cache.dtype)
     num_blocks = engine.config.cache.num_blocks
     rows = [
         ("copy bandwidth", f"{bandwidth / 1e9:.0f} GB/s"),

@@ -73,7 +73,7 @@ def roofline(llm: LLM, prompts: list[list[int]], output_len: int, bandwidth: flo
     weight_bytes = decode_weight_bytes(engine.runner.model)
     batch = engine.config.scheduler.max_num_seqs
     steps = math.ceil(len(prompts) / batch) * output_len
-    kv_token = kv_bytes_per_token(engine.model_config, engine.config.dtype)
+    kv_token = kv_bytes_per_token(engine.model_config, engine.config.cache.dtype or engine.config.dtype)
     kv_reads = sum(output_len * len(p) + output_len * (output_len - 1) // 2 for p in prompts) * kv_token
     tokens = sum(len(p) for p in prompts) + len(prompts) * output_len
     byte_time = (steps * weight_bytes + kv_reads) / bandwidth

@@ -59,8 +59,9 @@ class EngineOptions:
     quantization: str = "auto"  # auto | none | int8 | int4 (weight-only)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     # Launch the next decode step before the host has the current step's tokens (see `LLMEngine`);
-    # None: on for CUDA with one rank.
+    # None: on for CUDA.
     async_scheduling: bool | None = None
+    kv_cache_dtype: str = "auto"  # auto: the activations' dtype; fp8: float8 e4m3, half the bytes of fp16
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -209,6 +210,7 @@ def build_engine(
             engine.config.cache.block_size,
             engine.config.scheduler.max_model_len,
             opts.max_num_seqs if graphs else None,
+            engine.config.cache.dtype,
         )
         if world is not None:  # the workers size their caches and capture their graphs alongside
             world.before_leave.append(engine.runner.release)
@@ -227,6 +229,22 @@ def build_engine(
         engine.runner.publish = parallel_state.broadcast_object
         logger.info("tensor parallel: %d ranks, this process is rank 0", world.world_size)
     return engine
+
+
+def kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype for `--kv-cache-dtype`: auto is the activations' dtype; fp8 (float8 e4m3, no
+    scaling: K and V are stored rounded to 3 mantissa bits and read back into the activation dtype) needs
+    a GPU of compute capability 8.9 or more (Ada, Hopper), or the CPU."""
+    if name == "auto":
+        return dtype
+    if name != "fp8":
+        raise GptServeError(f"kv_cache_dtype must be auto or fp8, got {name!r}")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise GptServeError(
+            f"an fp8 KV cache needs a GPU of compute capability 8.9 or more (Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}"
+        )
+    return torch.float8_e4m3fn
 
 
 def _async_scheduling(opts: EngineOptions, device: torch.device) -> bool:
@@ -257,6 +275,7 @@ class _RunnerLayout:
     block_size: int
     max_model_len: int
     graph_max_num_seqs: int | None  # CUDA graphs captured up to this batch; None: eager
+    kv_dtype: torch.dtype | None = None
 
 
 def _serve_worker(
@@ -267,7 +286,9 @@ def _serve_worker(
     layout = parallel_state.broadcast_object()
     if layout is None:
         return
-    runner = ModelRunner(net, model_config, layout.num_blocks, layout.block_size, device, dtype)
+    runner = ModelRunner(
+        net, model_config, layout.num_blocks, layout.block_size, device, dtype, layout.kv_dtype
+    )
     if layout.graph_max_num_seqs is not None:
         from gptserve.engine.cuda_graphs import capture_decode_graphs
 
@@ -290,7 +311,8 @@ def _engine(
             f"max_model_len {max_model_len} exceeds GPT-2's "
             f"{model_config.max_position_embeddings} learned positions"
         )
-    per_token = kv_bytes_per_token(model_config, dtype, parallel_state.world_size())
+    kv_dtype = kv_cache_dtype(opts.kv_cache_dtype, dtype, device)
+    per_token = kv_bytes_per_token(model_config, kv_dtype, parallel_state.world_size())
     block_bytes = per_token * opts.block_size
     if opts.num_kv_blocks is not None:
         num_blocks = opts.num_kv_blocks
@@ -322,7 +344,9 @@ def _engine(
         )
     config = EngineConfig(
         model=model_config,
-        cache=CacheConfig(opts.block_size, num_blocks * block_bytes, num_blocks, opts.enable_prefix_caching),
+        cache=CacheConfig(
+            opts.block_size, num_blocks * block_bytes, num_blocks, opts.enable_prefix_caching, kv_dtype
+        ),
         scheduler=SchedulerConfig(
             opts.max_num_seqs,
             max(opts.max_num_batched_tokens, 1),
@@ -334,7 +358,7 @@ def _engine(
         seed=opts.seed,
     )
     logger.info(
-        "model %s (%s, %s): dtype %s, device %s, KV cache %d tokens in %d blocks (%.1f MiB), "
+        "model %s (%s, %s): dtype %s, device %s, KV cache %d tokens in %d blocks (%.1f MiB, %s), "
         "max_model_len %d",
         model or "embedded default",
         model_config.architecture,
@@ -344,6 +368,7 @@ def _engine(
         capacity,
         num_blocks,
         num_blocks * block_bytes / (1 << 20),
+        str(kv_dtype).removeprefix("torch."),
         max_model_len,
     )
     tokenizer = checkpoint.tokenizer

@@ -247,7 +247,7 @@ def capture_decode_graphs(
     if not sizes or sizes[-1] < min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]):
         sizes.append(min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]))
     # Prefill graphs use FlashAttention's varlen kernel, which takes half precision only.
-    half = runner.layers[0].kv_cache.dtype in (torch.float16, torch.bfloat16)
+    half = runner.dtype in (torch.float16, torch.bfloat16)
     prefill = tuple(n for n in PREFILL_TOKEN_COUNTS if n < max_model_len) if half else ()
     graphs = CudaGraphRunner(runner, sizes, max_model_len, prefill)
     before = torch.cuda.memory_allocated(runner.device)

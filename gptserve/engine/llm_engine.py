@@ -57,7 +57,13 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(
-            model, config.model, num_blocks, config.cache.block_size, config.device, config.dtype
+            model,
+            config.model,
+            num_blocks,
+            config.cache.block_size,
+            config.device,
+            config.dtype,
+            config.cache.dtype,
         )
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}

@@ -59,11 +59,13 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.config = config
         self.block_size = block_size
         self.device = device
+        self.dtype = dtype  # the activations'; the KV cache holds `kv_dtype` (default: the same)
         self.publish: Callable[[StepInputs], None] | None = None  # sends each step to the other TP ranks
         self.cuda_graphs: CudaGraphRunner | None = None  # decode steps replayed from CUDA graphs
         self.layers: list[Attention] = [m for m in model.modules() if isinstance(m, Attention)]
@@ -72,7 +74,7 @@ class ModelRunner:
                 f"model has {len(self.layers)} attention layers, config says {config.num_layers}"
             )
         for layer in self.layers:
-            layer.allocate_cache(num_blocks, block_size, dtype, device)
+            layer.allocate_cache(num_blocks, block_size, kv_dtype or dtype, device)
 
     def release(self) -> None:
         """Give the KV cache and CUDA graphs back to the allocator; the runner cannot run afterwards."""

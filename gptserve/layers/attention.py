@@ -177,7 +177,8 @@ class Attention(nn.Module):
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole cache blocks `src[i]` -> `dst[i]` (copy-on-write of a shared prefix block)."""
-        self.kv_cache[:, dst] = self.kv_cache[:, src]
+        cache = _bytes(self.kv_cache)
+        cache[:, dst] = cache[:, src]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, heads*dim], k/v: [T, kv_heads*dim] -> [T, heads*dim]."""
@@ -240,7 +241,8 @@ class Attention(nn.Module):
 
             write_kv(kv, self._slots, meta.slot_mapping)
         else:
-            self._slots.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1).to(self._slots.dtype))
+            new = kv.transpose(0, 1).to(self._slots.dtype)
+            _bytes(self._slots).index_copy_(1, meta.slot_mapping, _bytes(new))
         return self._attend(q, kv, meta)
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -276,7 +278,8 @@ class Attention(nn.Module):
         if layout.context_slots is None:
             keys, values = kv[:, :hkv], kv[:, hkv:]
         else:  # K/V of whole contexts, read back from the cache (already holding this step's tokens)
-            ctx = self._slots.index_select(1, layout.context_slots).transpose(0, 1).contiguous()
+            ctx = _bytes(self._slots).index_select(1, layout.context_slots).view(self._slots.dtype)
+            ctx = ctx.transpose(0, 1).to(q.dtype).contiguous()
             keys, values = ctx[:, :hkv], ctx[:, hkv:]
         out = torch.ops.aten._flash_attention_forward(
             q.view(q.shape[0], self.num_heads, self.head_dim),
@@ -322,6 +325,14 @@ class Attention(nn.Module):
         if b > 1:
             out = out.view(hkv, b, group, dim).transpose(0, 1)
         return out.reshape(b, -1).to(q.dtype)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An fp8 cache seen as bytes, for the copies PyTorch does not implement for float8 types."""
+    return cache.view(torch.uint8) if cache.dtype in FP8_DTYPES else cache
 
 
 def _chunk_causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:

@@ -60,3 +60,43 @@ def test_write_kv_matches_reference(head_dim, dtype):
     write_kv(kv, cache, slot_mapping)
     write_kv_reference(kv, expected, slot_mapping)
     assert torch.equal(cache, expected)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="fp8 needs sm89+"
+)
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
+def test_paged_decode_reads_an_fp8_cache(q_dtype):
+    """An fp8 cache is read back into float32 inside the kernel: the same result as attending over the
+    cache converted to the query's dtype first."""
+    from gptserve.kernels.paged_attention import paged_attention_decode, paged_attention_decode_reference
+
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    device = torch.device("cuda")
+    num_blocks, block_size, max_blocks, heads, head_dim = 32, 16, 8, 4, 128
+    lens = torch.tensor([1, 17, max_blocks * block_size])
+    cache = torch.randn(2 * heads, num_blocks, block_size, head_dim, device=device).to(torch.float8_e4m3fn)
+    tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in range(len(lens))]).to(device)
+    q = torch.randn(len(lens), heads, head_dim, device=device).to(q_dtype)
+    out = paged_attention_decode(q, cache, tables, lens.to(device, torch.int32), head_dim**-0.5)
+    ref = paged_attention_decode_reference(q, cache.to(q_dtype), tables, lens, head_dim**-0.5)
+    assert _relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="fp8 needs sm89+"
+)
+def test_write_kv_into_an_fp8_cache():
+    from gptserve.kernels.kv_cache_write import write_kv, write_kv_reference
+
+    device = torch.device("cuda")
+    heads, slots, tokens, head_dim = 4, 64, 7, 128
+    cache = torch.zeros(heads, slots, head_dim, device=device, dtype=torch.float8_e4m3fn)
+    kv = torch.randn(tokens, heads, head_dim, device=device).to(torch.bfloat16)
+    slot_mapping = torch.randperm(slots, device=device)[:tokens]
+    slot_mapping[3] = -1
+    write_kv(kv, cache, slot_mapping)
+    expected = torch.zeros(heads, slots, head_dim, device=device, dtype=torch.bfloat16)
+    write_kv_reference(kv, expected, slot_mapping)
+    rounded = expected.to(torch.float8_e4m3fn).to(torch.bfloat16)
+    torch.testing.assert_close(cache.to(torch.bfloat16), rounded, rtol=0.07, atol=1e-3)
