@@ -9,6 +9,7 @@ import torch
 
 from gptserve import LLM, SamplingParams
 from tests.conftest import random_prompts
+from tests.engine.test_fp8_kv_cache import assert_first_decode_close
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,12 +36,7 @@ def test_fp8_cache_on_cuda(tiny_models, arch):
         written = layer_fp8.kv_cache[:, :blocks].to(torch.bfloat16)
         expected = layer_full.kv_cache.to(torch.float8_e4m3fn).to(torch.bfloat16)
         torch.testing.assert_close(written, expected, rtol=0.07, atol=1e-3)  # one fp8 step at most
-    more = SamplingParams(max_tokens=6, temperature=0, logprobs=5, ignore_eos=True)
-    for x, y in zip(full.generate(prompts, more), fp8.generate(prompts, more)):
-        if x.outputs[0].token_ids[0] == y.outputs[0].token_ids[0]:
-            top_x, top_y = dict(x.outputs[0].logprobs[1].top), dict(y.outputs[0].logprobs[1].top)
-            shared = top_x.keys() & top_y.keys()
-            assert shared and max(abs(top_x[t] - top_y[t]) for t in shared) < 0.5
+    assert_first_decode_close(full, fp8, prompts, 6)  # decode steps replayed from graphs
     assert fp8.engine.runner.cuda_graphs is not None and fp8.engine.runner.cuda_graphs.replays["decode"] > 0
     for llm in (full, fp8):
         assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
