@@ -91,3 +91,23 @@ def test_kv_cache_dtype_flag_and_values():
     assert kv_cache_dtype("fp8", torch.bfloat16, cpu) == torch.float8_e4m3fn
     with pytest.raises(GptServeError, match="auto or fp8"):
         kv_cache_dtype("fp16", torch.bfloat16, cpu)
+
+
+def test_fp8_cache_keeps_the_embedded_models_greedy_answer():
+    """Real weights (the embedded SmolLM2-135M-Instruct): greedy answers over an fp8 cache are the
+    answers over the bf16 cache."""
+    answers = []
+    for kv in ("auto", "fp8"):
+        llm = LLM(device="cpu", max_model_len=256, kv_cache_memory="64MiB", kv_cache_dtype=kv)
+        questions = ["What is the capital of France?", "Name three primary colors."]
+        prompts = [
+            llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in questions
+        ]
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
+        answers.append([o.outputs[0].text for o in outs])
+        llm.close()
+    assert "Paris" in answers[0][0]
+    assert answers[1] == answers[0]
