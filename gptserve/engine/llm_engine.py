@@ -6,14 +6,14 @@ token ids (EOS, stop tokens, token sequences, lengths), free the blocks of finis
 waits on anything but the model, and produces token ids only. Text (detokenization, stop strings) is the
 `OutputProcessor`'s job: the server runs it on its event loop; `step()` runs it inline for offline use.
 
-With asynchronous scheduling (on by default on CUDA with one rank), a step whose every running sequence
+With asynchronous scheduling (on by default on CUDA), a step whose every running sequence
 just sampled launches the next decode step before its tokens reach the host: that step's input ids are
 the sampled tokens, still on the device, and the host's bookkeeping for this step (appending tokens, stop
 checks, outputs) overlaps the GPU's work on the next. The next call then samples the step already in
 flight instead of scheduling one. A sequence that ends at this step (EOS, a stop token or string, an
 abort) wastes its row of the step ahead, whose token is dropped; one that ends by length is left out
 beforehand. Only steps whose sampling reads no token history run ahead (no penalties, bad words or
-pending min_tokens), and only while no request waits to be admitted.
+pending min_tokens), and only while no waiting request could be admitted at the next step.
 """
 
 from __future__ import annotations
@@ -268,10 +268,7 @@ class LLMEngine:
         on a stop token frees its place one step later than it would without the step run ahead.)"""
         if len(targets) < self.config.scheduler.max_num_seqs:
             return False
-        return not any(
-            self._ends_by_length(request.params, seq.num_output_tokens + 1, seq.num_tokens + 1)
-            for request, seq in targets
-        )
+        return not any(self._ends_with_this_step(request, seq) for request, seq in targets)
 
     def _run_ahead(self, targets: list[tuple[Request, Sequence]], tokens: torch.Tensor) -> None:
         """Launch the decode step that follows this one for every sequence that will not end by length,
@@ -279,7 +276,7 @@ class LLMEngine:
         keep: list[int] = []
         items: list[ScheduledSeq] = []
         for i, (request, seq) in enumerate(targets):
-            if self._ends_by_length(request.params, seq.num_output_tokens + 1, seq.num_tokens + 1):
+            if self._ends_with_this_step(request, seq):
                 continue
             keep.append(i)
             items.append(ScheduledSeq(seq, request, 1, True))
@@ -359,6 +356,10 @@ class LLMEngine:
         return (
             params.max_tokens is not None and num_output_tokens >= params.max_tokens
         ) or num_tokens >= self.max_model_len
+
+    def _ends_with_this_step(self, request: Request, seq: Sequence) -> bool:
+        """Whether the token being sampled for `seq` now brings it to its length limit."""
+        return self._ends_by_length(request.params, seq.num_output_tokens + 1, seq.num_tokens + 1)
 
     def _maybe_finish_request(self, request: Request) -> None:
         if not request.finished and not request.live_seqs:
