@@ -43,6 +43,34 @@ def add_norm(
     return norm(residual), residual
 
 
+def add_partials_norm(
+    norm: nn.LayerNorm,
+    residual: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_norm` for a parallel-residual block (GPT-J, GPT-NeoX), whose attention and MLP outputs `a`
+    and `b` are this rank's partial sums: under tensor parallelism they are added and all-reduced once;
+    in a world of one both go to the fused kernel."""
+    if parallel_state.world_size() > 1:
+        return add_norm(norm, residual, parallel_state.all_reduce(a + b), bias=bias)
+    return add_norm(norm, residual, a, b, bias=bias)
+
+
+def run_blocks(
+    blocks: nn.ModuleList, input_norm: str, final_norm: nn.Module, x: torch.Tensor, *args: object
+) -> torch.Tensor:
+    """Pre-norm blocks whose forward takes (*args, h, x, next_norm) with h = its input norm of x and
+    returns (next_norm(x'), x'): each block's residual add is fused with the next block's input norm
+    (the attribute `input_norm`), the last one's with `final_norm`. Returns final_norm of the output."""
+    norms = [getattr(block, input_norm) for block in blocks]
+    h = norms[0](x)
+    for block, next_norm in zip(blocks, norms[1:] + [final_norm]):
+        h, x = block(*args, h, x, next_norm)
+    return h
+
+
 def bias_in_epilogue(*layers: nn.Module) -> None:
     """Mark layers whose bias the fused kernels add on CUDA (`linear_activation`, `linear_deferring_bias`),
     so `gptserve tune` times their GEMMs without it, as they run."""

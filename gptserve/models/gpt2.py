@@ -15,7 +15,13 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.fused import add_norm, bias_in_epilogue, linear_activation, linear_deferring_bias
+from gptserve.layers.fused import (
+    add_norm,
+    bias_in_epilogue,
+    linear_activation,
+    linear_deferring_bias,
+    run_blocks,
+)
 from gptserve.models.weights import embedding, load_hf_weights
 from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
 from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
@@ -81,11 +87,7 @@ class GPT2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(positions)
-        h = self.h[0].ln_1(x)
-        next_norms = [block.ln_1 for block in self.h[1:]] + [self.ln_f]
-        for block, next_norm in zip(self.h, next_norms):
-            h, x = block(h, x, next_norm)
-        return h
+        return run_blocks(self.h, "ln_1", self.ln_f, x)
 
 
 class GPT2LMHeadModel(nn.Module):

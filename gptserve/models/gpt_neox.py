@@ -15,10 +15,16 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.fused import add_norm, bias_in_epilogue, linear_activation, linear_deferring_bias
+from gptserve.layers.fused import (
+    add_norm,
+    add_partials_norm,
+    bias_in_epilogue,
+    linear_activation,
+    linear_deferring_bias,
+    run_blocks,
+)
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
-from gptserve.parallel import parallel_state
 from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
 from gptserve.parallel.linear import (
     column_parallel_linear,
@@ -74,9 +80,7 @@ class GPTNeoXLayer(nn.Module):
         attn = self.attention(rope, h)
         if self.use_parallel_residual:  # x' = x + attn(ln1(x)) + mlp(ln2(x))
             mlp, bias = self.mlp(self.post_attention_layernorm(x))
-            if parallel_state.world_size() > 1:
-                return add_norm(next_norm, x, parallel_state.all_reduce(mlp + attn), bias=bias)
-            return add_norm(next_norm, x, mlp, attn, bias=bias)
+            return add_partials_norm(next_norm, x, mlp, attn, bias)
         h, x = add_norm(self.post_attention_layernorm, x, attn)
         mlp, bias = self.mlp(h)
         return add_norm(next_norm, x, mlp, bias=bias)
@@ -93,11 +97,7 @@ class GPTNeoXModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_in(input_ids)
         rope = self.rotary_emb.cos_sin(positions, x.dtype)  # looked up once for all layers
-        h = self.layers[0].input_layernorm(x)
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.final_layer_norm]
-        for layer, next_norm in zip(self.layers, next_norms):
-            h, x = layer(rope, h, x, next_norm)
-        return h
+        return run_blocks(self.layers, "input_layernorm", self.final_layer_norm, x, rope)
 
 
 class GPTNeoXForCausalLM(nn.Module):

@@ -13,10 +13,15 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
-from gptserve.layers.fused import add_norm, bias_in_epilogue, linear_activation, linear_deferring_bias
+from gptserve.layers.fused import (
+    add_partials_norm,
+    bias_in_epilogue,
+    linear_activation,
+    linear_deferring_bias,
+    run_blocks,
+)
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
-from gptserve.parallel import parallel_state
 from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
 from gptserve.parallel.linear import (
     column_parallel_linear,
@@ -69,9 +74,7 @@ class GPTJBlock(nn.Module):
         final) LayerNorm fused with the residual add."""
         attn = self.attn(rope, h)
         mlp, bias = self.mlp(h)
-        if parallel_state.world_size() > 1:
-            return add_norm(next_norm, x, parallel_state.all_reduce(attn + mlp), bias=bias)
-        return add_norm(next_norm, x, attn, mlp, bias=bias)
+        return add_partials_norm(next_norm, x, attn, mlp, bias)
 
 
 class GPTJModel(nn.Module):
@@ -85,11 +88,7 @@ class GPTJModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.wte(input_ids)
         rope = self.rotary_emb.cos_sin(positions, x.dtype)  # looked up once for all layers
-        h = self.h[0].ln_1(x)
-        next_norms = [block.ln_1 for block in self.h[1:]] + [self.ln_f]
-        for block, next_norm in zip(self.h, next_norms):
-            h, x = block(rope, h, x, next_norm)
-        return h
+        return run_blocks(self.h, "ln_1", self.ln_f, x, rope)
 
 
 class GPTJForCausalLM(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import ActAndMul
 from gptserve.layers.attention import Attention
-from gptserve.layers.fused import add_norm
+from gptserve.layers.fused import add_norm, run_blocks
 from gptserve.layers.norms import RMSNorm
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
@@ -80,11 +80,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb.cos_sin(positions, x.dtype)
-        h = self.layers[0].input_layernorm(x)
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for layer, next_norm in zip(self.layers, next_norms):
-            h, x = layer(rope, h, x, next_norm)
-        return h
+        return run_blocks(self.layers, "input_layernorm", self.norm, x, rope)
 
 
 class LlamaForCausalLM(nn.Module):
