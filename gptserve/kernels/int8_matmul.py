@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from gptserve.kernels.matmul import matmul_kernel, sum_splits
+from gptserve.tuning.matmul_configs import LARGE_TILES
 
 MAX_SPLIT_K = 8
 SMALL_M = 16  # at most this many rows take the split-K decode configurations
@@ -35,7 +36,7 @@ def _configs(small: bool) -> list[triton.Config]:
         ]
     return [  # prefill and large batches: bound by arithmetic
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "SPLIT_K": 1}, num_warps=w, num_stages=4)
-        for m, n, w in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8))
+        for m, n, w in LARGE_TILES
     ]
 
 

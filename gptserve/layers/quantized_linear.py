@@ -35,22 +35,21 @@ class WeightOnlyLinear(nn.Module):
     def _compact(self, flat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _dense_serves(self, x: torch.Tensor) -> bool:
+        return self.dense is not None and x.numel() // x.shape[-1] > self.small_batch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if self.dense is not None and flat.shape[0] > self.small_batch:
+        if self._dense_serves(x):  # the bias inside the GEMM
             return F.linear(x, self.dense, self.bias)
-        y = self._compact(flat)
-        if self.bias is not None:
-            y = y + self.bias
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
+        y = self.product(x)
+        return y if self.bias is None else y + self.bias
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T without the bias, for a caller that adds the bias in a fused kernel."""
+        if self._dense_serves(x):
+            return F.linear(x, self.dense)
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if self.dense is not None and flat.shape[0] > self.small_batch:
-            y = F.linear(flat, self.dense)
-        else:
-            y = self._compact(flat)
+        y = self._compact(flat)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# (BLOCK_M, BLOCK_N, warps) of the tiles for prompt-sized row counts, bound by arithmetic: the Triton
+# product's candidates here and the int8 weight-only kernel's autotuning set.
+LARGE_TILES = ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8))
+
 
 @dataclass(frozen=True)
 class MatmulConfig:
@@ -30,8 +34,4 @@ def candidate_configs(rows: int) -> list[MatmulConfig]:
         return [
             MatmulConfig(block_m, n, k, split) for n in (64, 128) for k in (64, 128) for split in (1, 2, 4, 8)
         ]
-    return [
-        MatmulConfig(m, n, 64, 1, warps, stages)
-        for m, n, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8))
-        for stages in (3, 4)
-    ]
+    return [MatmulConfig(m, n, 64, 1, warps, stages) for m, n, warps in LARGE_TILES for stages in (3, 4)]
