@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from gptserve.engine.builder import resolve_dtype
     from gptserve.loading.checkpoint import load_checkpoint
     from gptserve.tuning.gemm_shapes import decode_row_counts, model_gemm_shapes, prefill_row_counts
-    from gptserve.tuning.gemm_tuner import MIN_GAIN, step_estimates, tune_gemms, tuning_dir
+    from gptserve.tuning.gemm_tuner import MIN_GAIN, served_counts, step_estimates, tune_gemms, tuning_dir
 
     batch_sizes = _batch_sizes(args.batch_sizes)
     if not torch.cuda.is_available():
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output) if args.output else tuning_dir(args.model)
     min_gain = MIN_GAIN if args.keep == "winners" else -float("inf")
     tuned = tune_gemms(shapes, rows, dtype, out_dir, device, min_gain=min_gain, triton=args.triton)
-    served = {by: sum(t.served == by for t in tuned) for by in ("tunableop", "triton", "cublas")}
+    served = served_counts(tuned)
     print(
         f"tuned {len(tuned)} GEMMs ({len(shapes)} weight shapes x {len(rows)} row counts) into {out_dir}: "
         f"{served['tunableop']} served by TunableOp picks, {served['triton']} by Triton configurations, "

@@ -193,7 +193,7 @@ def tune_gemms(
         "dtype": str(dtype).removeprefix("torch."),
         "min_gain": min_gain,
         "kept": sum(t.kept for t in tuned),
-        "served": {by: sum(t.served == by for t in tuned) for by in SERVED_BY},
+        "served": served_counts(tuned),
         "gemms": [asdict(t) for t in tuned],
         "step_estimate_ms": step_estimates(tuned),
     }
@@ -255,6 +255,11 @@ def _write_results(path: Path, dropped: set[tuple[str, str]]) -> None:
         if tuple(result[:2]) not in dropped
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def served_counts(tuned: list[TunedGemm]) -> dict[str, int]:
+    """How many GEMMs each of cuBLAS's default, TunableOp's picks and Triton configurations serves."""
+    return {by: sum(t.served == by for t in tuned) for by in SERVED_BY}
 
 
 def step_estimates(tuned: list[TunedGemm]) -> dict[str, dict[str, float]]:
