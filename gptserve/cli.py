@@ -68,6 +68,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="launch the next decode step before the host has this step's tokens, overlapping the "
         "host's work with the GPU's (auto: on for CUDA)",
     )
+    parser.add_argument(
+        "--gemv",
+        default="auto",
+        choices=["auto", "triton", "cublas"],
+        help="CUDA: what multiplies one row (a lone sequence's decode step) by an fp16/bf16 weight; auto: "
+        "the Triton GEMV where its tile divides the weight (`gptserve tune` may choose otherwise)",
+    )
 
 
 def engine_options(args: argparse.Namespace):
@@ -88,6 +95,7 @@ def engine_options(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         kv_cache_dtype=args.kv_cache_dtype,
+        gemv=args.gemv,
     )
 
 

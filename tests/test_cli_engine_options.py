@@ -1,5 +1,5 @@
 """The engine flags every command shares map onto `EngineOptions`; `--async-scheduling` takes auto, on or
-off, and anything else is refused by name."""
+off, `--gemv` auto, triton or cublas, and anything else is refused by name (by the engine too)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import argparse
 import pytest
 
 from gptserve.cli import add_engine_args, engine_options
+from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.errors import GptServeError
 
 
 def _options(*argv: str):
@@ -27,3 +29,18 @@ def test_bad_async_scheduling_value_is_refused(capsys):
         _options("--async-scheduling", "sometimes")
     assert exit_info.value.code == 2
     assert "--async-scheduling" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [((), "auto"), (("--gemv", "cublas"), "cublas"),
+                                             (("--gemv", "triton"), "triton")])  # fmt: skip
+def test_gemv_flag(flag, value):
+    assert _options(*flag).gemv == value
+
+
+def test_bad_gemv_value_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _options("--gemv", "cutlass")
+    assert exit_info.value.code == 2
+    assert "--gemv" in capsys.readouterr().err
+    with pytest.raises(GptServeError, match="gemv must be auto, triton or cublas, got 'cutlass'"):
+        build_engine(None, EngineOptions(device="cpu", gemv="cutlass"))

@@ -24,6 +24,7 @@ from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from gptserve.errors import GptServeError
 from gptserve.layers.quantized_linear import quantize_linears
+from gptserve.layers.tuned_linear import use_gemv_for_one_row
 from gptserve.loading.checkpoint import Checkpoint, load_checkpoint
 from gptserve.models.registry import model_class
 from gptserve.parallel import parallel_state
@@ -62,6 +63,7 @@ class EngineOptions:
     # None: on for CUDA.
     async_scheduling: bool | None = None
     kv_cache_dtype: str = "auto"  # auto: the activations' dtype; fp8: float8 e4m3, half the bytes of fp16
+    gemv: str = "auto"  # one-row products on CUDA: auto/triton = the Triton GEMV where it fits; cublas
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:
@@ -176,6 +178,7 @@ def build_engine(
     exits when rank 0 shuts the group down.
     """
     opts = options or EngineOptions()
+    gemv = _gemv_kernel(opts.gemv)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     checkpoint = checkpoint or load_checkpoint(model)
@@ -190,8 +193,10 @@ def build_engine(
         raise GptServeError("a tensor-parallel group is running in this process; shut it down first")
     try:
         net = load_model(checkpoint, model_config, device, dtype, opts)
-        if device.type == "cuda":  # `gptserve tune`'s file beside the model, before any GEMM runs
-            load_tuning(model, device, net)
+        if device.type == "cuda":
+            if gemv == "triton":
+                use_gemv_for_one_row(net)
+            load_tuning(model, device, net)  # `gptserve tune`'s file beside the model, before any GEMM runs
         if parallel_state.rank() != 0:
             _serve_worker(net, model_config, device, dtype)
     except BaseException:
@@ -245,6 +250,13 @@ def kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch
             f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}"
         )
     return torch.float8_e4m3fn
+
+
+def _gemv_kernel(name: str) -> str:
+    """What runs one-row products on CUDA: "triton" (the GEMV kernel, also for auto) or "cublas"."""
+    if name not in ("auto", "triton", "cublas"):
+        raise GptServeError(f"gemv must be auto, triton or cublas, got {name!r}")
+    return "cublas" if name == "cublas" else "triton"
 
 
 def _async_scheduling(opts: EngineOptions, device: torch.device) -> bool:

@@ -123,7 +123,12 @@ def sum_splits(
 def matmul(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: MatmulConfig
 ) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, with the launch `config`."""
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, with the launch `config` (a
+    `block_m == 1` configuration runs the one-row GEMV kernel)."""
+    if config.block_m == 1:
+        from gptserve.kernels.gemv import gemv
+
+        return gemv(x, weight, bias, config)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape

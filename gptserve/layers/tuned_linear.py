@@ -1,10 +1,13 @@
-"""A linear layer whose GEMMs of tuned row counts run the Triton configuration `gptserve tune` chose.
+"""A linear layer whose GEMMs of some row counts run a Triton kernel: the one-row GEMV by default on
+CUDA, and the configurations `gptserve tune` chose.
 
-`gptserve tune` times the Triton matrix product (`gptserve.kernels.matmul`) against cuBLAS for every GEMM
-shape and row count the model runs; where a configuration won, serving wraps the layer in `TunedLinear`,
-which sends a call of exactly that many rows to the Triton kernel with that configuration and every other
-call to cuBLAS, as the plain layer would. Decode steps run at the CUDA-graph batch sizes, which are the
-row counts tuned, so the choice is made once per size, when the graph is captured.
+A lone sequence's decode step multiplies one row by each weight; the Triton GEMV
+(`gptserve.kernels.gemv`) streams the weight faster than cuBLAS's split-K GEMV, so on CUDA every fp16/bf16
+linear layer whose weight its tile divides is wrapped in `TunedLinear` with that kernel for one row.
+`gptserve tune` times the GEMV and the tiled Triton product (`gptserve.kernels.matmul`) against cuBLAS
+for every GEMM shape and row count the model runs; its picks then replace those defaults, and a row
+count it gave to cuBLAS or TunableOp goes to `F.linear`. Decode steps run at the CUDA-graph batch sizes,
+which are the row counts tuned, so the choice is made once per size, when the graph is captured.
 """
 
 from __future__ import annotations
@@ -52,22 +55,54 @@ class TunedLinear(nn.Module):
         return f"Triton for rows {sorted(self.configs)}"
 
 
-def apply_tuned_configs(net: nn.Module, picks: list[dict[str, Any]]) -> int:
-    """Wrap each plain linear layer of `net` that has Triton picks ({"name", "n", "k", "rows",
-    "triton_config"} from the tuning report) in a `TunedLinear`; returns how many layers were wrapped."""
-    from gptserve.tuning.matmul_configs import MatmulConfig
+def use_gemv_for_one_row(net: nn.Module) -> int:
+    """Wrap each plain fp16/bf16 linear layer of `net` whose weight a GEMV tile divides in a
+    `TunedLinear` that sends one-row products to the Triton GEMV; returns how many layers were wrapped."""
+    from gptserve.tuning.matmul_configs import default_gemv_config
 
-    by_layer: dict[tuple[str, int, int], dict[int, MatmulConfig]] = {}
-    for pick in picks:
-        key = (pick["name"], pick["n"], pick["k"])
-        by_layer.setdefault(key, {})[pick["rows"]] = MatmulConfig(**pick["triton_config"])
     wrapped = 0
     for parent in list(net.modules()):
         for attr, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
+            if type(child) is not nn.Linear or child.weight.dtype not in (torch.float16, torch.bfloat16):
                 continue
-            configs = by_layer.get((attr, child.out_features, child.in_features))
-            if configs:
-                setattr(parent, attr, TunedLinear(child, configs))
+            config = default_gemv_config(child.out_features, child.in_features)
+            if config is not None and child.weight.is_contiguous():
+                setattr(parent, attr, TunedLinear(child, {1: config}))
                 wrapped += 1
     return wrapped
+
+
+def apply_tuned_configs(net: nn.Module, gemms: list[dict[str, Any]]) -> int:
+    """Serve the tuning report's choices ({"name", "n", "k", "rows", "served", "triton_config"} per
+    GEMM): a Triton pick wraps the linear layers of that name and shape (or joins the configurations of
+    one already wrapped); a row count served by cuBLAS or TunableOp drops any default Triton kernel for
+    it. Returns how many layers serve Triton picks."""
+    from gptserve.tuning.matmul_configs import MatmulConfig
+
+    by_layer: dict[tuple[str, int, int], dict[int, MatmulConfig | None]] = {}
+    for gemm in gemms:
+        triton = gemm.get("served") == "triton" and gemm.get("triton_config")
+        config = MatmulConfig(**gemm["triton_config"]) if triton else None
+        by_layer.setdefault((gemm["name"], gemm["n"], gemm["k"]), {})[gemm["rows"]] = config
+    serving = 0
+    for parent in list(net.modules()):
+        for attr, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                inner, configs = child, {}
+            elif isinstance(child, TunedLinear):
+                inner, configs = child.inner, dict(child.configs)
+            else:
+                continue
+            choices = by_layer.get((attr, inner.out_features, inner.in_features), {})
+            picked = False
+            for rows, config in choices.items():
+                if config is None:
+                    configs.pop(rows, None)
+                else:
+                    configs[rows], picked = config, True
+            serving += picked
+            if configs:
+                setattr(parent, attr, TunedLinear(inner, configs))
+            elif child is not inner:
+                setattr(parent, attr, inner)
+    return serving

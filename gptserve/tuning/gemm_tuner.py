@@ -3,12 +3,12 @@
 FasterTransformer's `gpt_gemm` timed every cuBLAS algorithm for each GEMM shape of GPT-J and wrote the
 winners to `gemm_config.in`. Here two searches run for each (rows, n, k) shape the model runs: PyTorch's
 TunableOp times cuBLAS's default and the cuBLASLt algorithms and picks the fastest, and every launch
-configuration of the Triton matrix product (`gptserve.kernels.matmul`: split-K tiles for decode-sized
-row counts, large tiles for prompts) is timed too. Each candidate is timed against cuBLAS's default,
-both captured in CUDA graphs and replayed in turn (GPU time only, as a decode step's graph sees it, the
-calls cycling through copies of the weight larger than the L2 cache together, so that each call reads its
-weight from memory as a model's GEMMs do); the
-fastest serves if it wins by `min_gain` (TunableOp's own timing is short and a pick can lose on a second
+configuration of the Triton matrix product (`gptserve.kernels.matmul`: the one-row GEMV's tiles,
+split-K tiles for decode-sized row counts, large tiles for prompts) is timed too. Each candidate is timed
+against cuBLAS's default, both captured in CUDA graphs and replayed in turn (GPU time only, as a decode
+step's graph sees it, the calls cycling through copies of the weight larger than the L2 cache together,
+so that each call reads its weight from memory as a model's GEMMs do); the fastest serves if it wins by
+`min_gain` (TunableOp's own timing is short and a pick can lose on a second
 look), else cuBLAS's default. Serving with the files loaded (tuning itself off) dispatches each GEMM to
 what won for it, in eager steps and inside CUDA graphs alike. The tuning files sit beside the model:
 
@@ -275,8 +275,9 @@ def step_estimates(tuned: list[TunedGemm]) -> dict[str, dict[str, float]]:
 
 def load_tuning(model: str | Path | None, device: torch.device, net: torch.nn.Module | None = None) -> bool:
     """Serve with the tuning files beside `model`, if there are some for this GPU and PyTorch: TunableOp
-    dispatches from its file, and `net`'s layers with Triton picks are wrapped to run them; logs what it
-    did. Returns whether anything tuned now serves."""
+    dispatches from its file, `net`'s layers with Triton picks are wrapped to run them and row counts
+    given to cuBLAS or TunableOp leave any default Triton kernel; logs what it did. Returns whether
+    anything tuned now serves."""
     if model is None or device.type != "cuda" or str(model).startswith("random:"):
         return False
     directory = tuning_dir(model)
@@ -299,10 +300,10 @@ def load_tuning(model: str | Path | None, device: torch.device, net: torch.nn.Mo
     gemms = report.get("gemms", [])
     picks = [g for g in gemms if g.get("served") == "triton" and g.get("triton_config")]
     wrapped = 0
-    if picks and net is not None:
+    if net is not None:
         from gptserve.layers.tuned_linear import apply_tuned_configs
 
-        wrapped = apply_tuned_configs(net, picks)
+        wrapped = apply_tuned_configs(net, gemms)
     tunableop = results.is_file()
     if tunableop:
         from torch.cuda import tunable

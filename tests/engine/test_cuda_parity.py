@@ -5,7 +5,9 @@ float32: identical tokens, log-probabilities within 2e-3 (the two sides use diff
 bfloat16: logits are rounded to 8 significant bits, so two tokens can tie or nearly tie and differently
 ordered reductions pick either; as in vLLM's `check_logprobs_close`, tokens must match until a step where
 Hugging Face rates both candidates within 0.15 of each other, and log-probabilities agree within 0.15
-up to there. The same test passes with the plain-PyTorch CPU path against CPU transformers.
+up to there; float16 (11 bits) likewise within 0.05. The same test passes with the plain-PyTorch CPU
+path against CPU transformers. Models 256 wide run their one-row products through the Triton GEMV, and
+match in float16.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from gptserve import LLM, SamplingParams
-from tests.conftest import ARCHS, random_prompts
+from gptserve.layers.tuned_linear import TunedLinear
+from tests.conftest import ARCHS, build_tiny_model, random_prompts
 
 pytestmark = pytest.mark.gpu
 
 NEW_TOKENS = 24
 LENGTHS = [3, 17, 40]  # three sequences: the size-4 graph runs with one padding row
-TOLERANCE = {"fp32": 2e-3, "bf16": 0.15}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOLERANCE = {"fp32": 2e-3, "fp16": 0.05, "bf16": 0.15}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _hf_greedy(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -87,3 +91,34 @@ def test_lone_prompts_replay_prefill_graphs(arch, tiny_models):
     assert graphs.replays["prefill"] == len(prompts)
     assert graphs.replays["decode"] == len(prompts) * (NEW_TOKENS - 1)
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+WIDE = {  # every weight a GEMV tile divides
+    "llama": dict(hidden_size=256, intermediate_size=512),
+    "gptj": dict(n_embd=256),
+    "gpt_neox": dict(hidden_size=256, intermediate_size=512),
+    "gpt2": dict(n_embd=256),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_row_gemv_matches_transformers(arch, tmp_path):
+    """256 wide: every linear layer multiplies one row with the Triton GEMV (a lone sequence's decode
+    steps, replayed from graphs), and the output matches transformers in fp16 (wider layers carry larger
+    logits, whose bf16 rounding alone can pass 0.15); `gemv="cublas"` keeps the plain layers."""
+    cpu_model = build_tiny_model(arch, tmp_path, **WIDE[arch])
+    hf_model = copy.deepcopy(cpu_model).to("cuda", torch.float16)
+    llm = LLM(str(tmp_path), dtype="fp16", device="cuda", enable_prefix_caching=False)
+    net = llm.engine.runner.model
+    wrapped = [m for m in net.modules() if isinstance(m, TunedLinear)]
+    inner = {id(m.inner) for m in wrapped}
+    assert len(wrapped) >= 4 * cpu_model.config.num_hidden_layers and all(1 in m.configs for m in wrapped)
+    assert not [m for m in net.modules() if type(m) is nn.Linear and id(m) not in inner]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
+    for prompt in random_prompts(2, cpu_model.config.vocab_size, [5, 40], seed=6):
+        (out,) = llm.generate([prompt], params)
+        _check_against_hf(hf_model, prompt, out.outputs[0], "fp16")
+    assert llm.engine.runner.cuda_graphs.replays["decode"] == 2 * (NEW_TOKENS - 1)
+    del llm
+    plain = LLM(str(tmp_path), dtype="fp16", device="cuda", gemv="cublas")
+    assert not [m for m in plain.engine.runner.model.modules() if isinstance(m, TunedLinear)]

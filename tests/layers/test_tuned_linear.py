@@ -1,14 +1,16 @@
-"""Serving `gptserve tune`'s Triton picks: the report's picks wrap exactly the layers they name, a wrapped
-layer computes what the plain layer does for every row count not picked (and exposes its weight, bias
-and bias-free product), and the tuner's choice of what serves follows the timings."""
+"""Serving Triton kernels from linear layers: the one-row GEMV wraps the fp16/bf16 layers its tile divides;
+the tuning report's picks wrap exactly the layers they name and its cuBLAS choices drop the default
+GEMV; a wrapped layer computes what the plain layer does for every row count not picked (and exposes its
+weight, bias and bias-free product); the tuner's choice of what serves follows the timings."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from gptserve.layers.tuned_linear import TunedLinear, apply_tuned_configs
+from gptserve.layers.tuned_linear import TunedLinear, apply_tuned_configs, use_gemv_for_one_row
 from gptserve.tuning.gemm_tuner import TunedGemm, _choose
+from gptserve.tuning.matmul_configs import MatmulConfig
 
 CONFIG = {"block_m": 16, "block_n": 64, "block_k": 64, "split_k": 4, "num_warps": 4, "num_stages": 4}
 
@@ -25,9 +27,12 @@ def test_picks_wrap_the_layers_they_name():
     torch.manual_seed(0)
     net = nn.Sequential(_Block(), _Block())
     picks = [
-        {"name": "fc_in", "n": 32, "k": 8, "rows": 4, "triton_config": CONFIG},
-        {"name": "fc_in", "n": 32, "k": 8, "rows": 16, "triton_config": CONFIG},
-        {"name": "fc_out", "n": 99, "k": 32, "rows": 4, "triton_config": CONFIG},  # no layer of that shape
+        {"name": "fc_in", "n": 32, "k": 8, "rows": 4, "served": "triton", "triton_config": CONFIG},
+        {"name": "fc_in", "n": 32, "k": 8, "rows": 16, "served": "triton", "triton_config": CONFIG},
+        {"name": "fc_in", "n": 32, "k": 8, "rows": 8, "served": "cublas", "triton_config": CONFIG},
+        # no layer of this shape:
+        {"name": "fc_out", "n": 99, "k": 32, "rows": 4, "served": "triton", "triton_config": CONFIG},
+        {"name": "fc_out", "n": 8, "k": 32, "rows": 4, "served": "tunableop", "triton_config": None},
     ]
     plain = [block.fc_in for block in net]
     assert apply_tuned_configs(net, picks) == 2
@@ -41,6 +46,43 @@ def test_picks_wrap_the_layers_they_name():
     assert torch.equal(layer(x), inner(x))
     assert torch.equal(layer.product(x) + layer.bias, inner(x))
     assert layer.weight is inner.weight and layer.bias is inner.bias
+
+
+class _Wide(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.qkv = nn.Linear(256, 768, dtype=dtype)
+        self.fc_out = nn.Linear(1024, 256, bias=False, dtype=dtype)
+        self.odd = nn.Linear(100, 256, dtype=dtype)  # no GEMV tile divides 100 columns
+
+
+def test_one_row_gemv_wraps_the_half_precision_layers_it_fits():
+    net = nn.Sequential(_Wide(torch.float16), _Wide(torch.bfloat16), _Wide(torch.float32))
+    assert use_gemv_for_one_row(net) == 4
+    for block in net[:2]:
+        assert isinstance(block.qkv, TunedLinear) and isinstance(block.fc_out, TunedLinear)
+        assert block.qkv.configs == {1: MatmulConfig(1, 4, 256, 1, 4, 3)}
+        assert block.fc_out.configs == {1: MatmulConfig(1, 4, 1024, 1, 4, 3)}
+        assert type(block.odd) is nn.Linear
+    assert all(type(layer) is nn.Linear for layer in net[2].children())
+
+
+def test_the_report_replaces_or_drops_the_default_gemv():
+    net = nn.Sequential(_Wide(torch.float16))
+    use_gemv_for_one_row(net)
+    qkv, fc_out = net[0].qkv.inner, net[0].fc_out.inner
+    split = {**CONFIG, "block_m": 16}
+    gemms = [
+        {"name": "qkv", "n": 768, "k": 256, "rows": 1, "served": "cublas", "triton_config": None},
+        {"name": "qkv", "n": 768, "k": 256, "rows": 8, "served": "triton", "triton_config": split},
+        {"name": "fc_out", "n": 256, "k": 1024, "rows": 1, "served": "tunableop", "triton_config": None},
+        {"name": "odd", "n": 256, "k": 100, "rows": 1, "served": "cublas", "triton_config": None},
+    ]
+    assert apply_tuned_configs(net, gemms) == 1
+    assert isinstance(net[0].qkv, TunedLinear) and net[0].qkv.inner is qkv
+    assert net[0].qkv.configs == {8: MatmulConfig(**split)}  # cuBLAS serves one row, the pick eight
+    assert net[0].fc_out is fc_out  # nothing Triton left: the plain layer again
+    assert type(net[0].odd) is nn.Linear
 
 
 def _gemm(default_ms: float, tuned_ms: float, triton_ms: float | None) -> TunedGemm:
