@@ -47,9 +47,8 @@ def build_tiny_model(arch: str, path: Path, seed: int = 0, **overrides) -> torch
     kwargs.update(overrides)
     # Larger init than the default keeps next-token distributions peaked, so greedy choices are not
     # decided by rounding noise.
-    config = AutoConfig.for_model(
-        model_type, initializer_range=0.2, bos_token_id=None, eos_token_id=None, **kwargs
-    )
+    kwargs.setdefault("initializer_range", 0.2)
+    config = AutoConfig.for_model(model_type, bos_token_id=None, eos_token_id=None, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
