@@ -159,6 +159,7 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self._arrivals: torch.Tensor | None = None  # CUDA: the decode kernel's split counters
 
     def allocate_cache(
         self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
@@ -166,6 +167,10 @@ class Attention(nn.Module):
         """Bind a zeroed K/V cache of `num_blocks` blocks in this layer's layout."""
         heads, dim = 2 * self.num_kv_heads, self.head_dim
         self.kv_cache = torch.zeros((heads, num_blocks, block_size, dim), dtype=dtype, device=device)
+        if device.type == "cuda":  # the decode kernel's split counters, zeroed once, outside any graph
+            from gptserve.kernels.paged_attention import arrival_counters
+
+            self._arrivals = arrival_counters(device)
         self.k_cache, self.v_cache = self.kv_cache.chunk(2)
         self._slots = self.kv_cache.view(heads, num_blocks * block_size, dim)  # [2*Hkv, slots, D]
         self._rows = self.kv_cache.view(heads * num_blocks, block_size * dim)  # one (head, block) per row
@@ -173,7 +178,7 @@ class Attention(nn.Module):
     def release_cache(self) -> None:
         """Drop this layer's cache tensors (the engine is being closed)."""
         self.kv_cache = self.k_cache = self.v_cache = None
-        self._slots = self._rows = None
+        self._slots = self._rows = self._arrivals = None
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole cache blocks `src[i]` -> `dst[i]` (copy-on-write of a shared prefix block)."""
@@ -311,7 +316,10 @@ class Attention(nn.Module):
 
             q3 = q.view(b, self.num_heads, self.head_dim)
             lens = meta.decode_lens_tensor()
-            return paged_attention_decode(q3, self.kv_cache, meta.decode_blocks, lens, self.scale).view(b, -1)
+            out = paged_attention_decode(
+                q3, self.kv_cache, meta.decode_blocks, lens, self.scale, arrivals=self._arrivals
+            )
+            return out.view(b, -1)
         hkv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         num_blocks, block_size = self.kv_cache.shape[1:3]
         rows = meta.decode_gather_rows(hkv, num_blocks)

@@ -1,5 +1,6 @@
 """The Triton decode-attention and KV-write kernels against their plain-PyTorch references, on fresh
-random inputs (GPU only)."""
+random inputs (GPU only); a split context combined by a second kernel or by the last split to finish
+(whose counters are back at zero after every call, replayed from a CUDA graph too)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["combine-kernel", "last-split-combines"])
 @pytest.mark.parametrize("splits", [None, 1, 4, 16])
 @pytest.mark.parametrize(
     "num_heads,num_kv_heads,head_dim,block_size,dtype",
@@ -23,8 +25,14 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         (12, 12, 80, 32, torch.float16),  # head_dim not a power of two
     ],
 )
-def test_paged_decode_matches_reference(num_heads, num_kv_heads, head_dim, block_size, dtype, splits):
-    from gptserve.kernels.paged_attention import paged_attention_decode, paged_attention_decode_reference
+def test_paged_decode_matches_reference(
+    num_heads, num_kv_heads, head_dim, block_size, dtype, splits, counted
+):
+    from gptserve.kernels.paged_attention import (
+        arrival_counters,
+        paged_attention_decode,
+        paged_attention_decode_reference,
+    )
 
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
     device = torch.device("cuda")
@@ -35,13 +43,61 @@ def test_paged_decode_matches_reference(num_heads, num_kv_heads, head_dim, block
     tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in range(batch)]).to(device)
     q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
     scale = head_dim**-0.5
-    out = torch.full_like(q, float("nan"))
-    paged_attention_decode(q, cache, tables, lens.to(device, torch.int32), scale, out=out, splits=splits)
+    arrivals = arrival_counters(device) if counted else None
     ref = paged_attention_decode_reference(q, cache, tables, lens, scale)
-    assert not out.isnan().any()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert _relative_error(out, ref) < tol
-    assert (out[lens == 0] == 0).all()
+    for _ in range(2):  # the counters are reusable
+        out = torch.full_like(q, float("nan"))
+        lens_gpu = lens.to(device, torch.int32)
+        paged_attention_decode(q, cache, tables, lens_gpu, scale, out=out, splits=splits, arrivals=arrivals)
+        assert not out.isnan().any()
+        assert _relative_error(out, ref) < tol
+        assert (out[lens == 0] == 0).all()
+        assert arrivals is None or (arrivals == 0).all()
+
+
+def test_last_split_combines_in_graph_replays():
+    """One captured call replayed with fresh queries and contexts: each replay's output is the reference's,
+    and the counters are zero after each."""
+    from gptserve.kernels.paged_attention import (
+        arrival_counters,
+        num_splits,
+        paged_attention_decode,
+        paged_attention_decode_reference,
+    )
+
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    device = torch.device("cuda")
+    heads, dim, block_size, num_blocks, max_blocks, batch = 16, 256, 16, 128, 24, 2
+    assert num_splits(batch, heads, device) > 1
+    cache = torch.randn(2 * heads, num_blocks, block_size, dim, device=device).half()
+    tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in range(batch)]).to(device).int()
+    q = torch.empty(batch, heads, dim, device=device, dtype=torch.float16)
+    lens = torch.zeros(batch, device=device, dtype=torch.int32)
+    out = torch.empty_like(q)
+    arrivals = arrival_counters(device)
+
+    def call():
+        paged_attention_decode(q, cache, tables, lens, dim**-0.5, out=out, arrivals=arrivals)
+
+    q.normal_()
+    lens.fill_(5)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(30):
+        q.copy_(torch.randn_like(q))
+        lens.copy_(torch.randint(1, max_blocks * block_size + 1, (batch,), device=device))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = paged_attention_decode_reference(q, cache, tables, lens.cpu(), dim**-0.5)
+        assert _relative_error(out, ref) < 1e-2
+        assert (arrivals == 0).all()
 
 
 @pytest.mark.parametrize("head_dim,dtype", [(256, torch.float16), (64, torch.bfloat16), (80, torch.float32)])
