@@ -7,6 +7,8 @@ import argparse
 import gc
 import importlib
 
+from gptserve.errors import GptServeError
+
 MODES = {
     "latency": "gptserve.bench.latency",
     "throughput": "gptserve.bench.throughput",
@@ -48,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     options = engine_options(args)
     args.checkpoint = None
     if args.random_weights:
+        if options.tensor_parallel_size != 1:  # every rank reads its shard from a checkpoint
+            raise GptServeError(
+                "--random-weights builds the model in one process; for --tensor-parallel-size "
+                f"{options.tensor_parallel_size} save a checkpoint and `gptserve convert` it"
+            )
         from gptserve.bench.random_weights import random_checkpoint
         from gptserve.engine.builder import build_engine, resolve_device, resolve_dtype
 

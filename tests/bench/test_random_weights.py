@@ -1,4 +1,5 @@
-"""Random-weight checkpoints: reproducible values, and the engine and Hugging Face load the same model."""
+"""Random-weight checkpoints: reproducible values, the engine and Hugging Face load the same model, and
+`bench --random-weights` refuses tensor parallelism with the way round it."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ def test_engine_and_transformers_agree_on_random_weights():
     out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     tokens, _ = hf_greedy(hf_model, prompt, 12)
     assert out[0].outputs[0].token_ids == tokens
+
+
+def test_tensor_parallel_random_weights_are_refused_by_name(capsys):
+    from gptserve.cli import main
+
+    argv = [
+        "bench",
+        "latency",
+        "--random-weights",
+        "gptj-tiny",
+        "--device",
+        "cpu",
+        "--tensor-parallel-size",
+        "2",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--random-weights" in err and "--tensor-parallel-size 2" in err and "gptserve convert" in err
