@@ -25,11 +25,8 @@ KERNEL_ACTIVATIONS = {
 
 
 @triton.jit
-def _bias_activation_kernel(y_ptr, bias_ptr, numel, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
-    x = y.to(tl.float32) + tl.load(bias_ptr + offsets % width, mask=mask, other=0.0).to(tl.float32)
+def activate(x, ACTIVATION: tl.constexpr):
+    """The activation of code ACTIVATION (`KERNEL_ACTIVATIONS`) on float32 x; -1: none."""
     if ACTIVATION == 0:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == 1:
@@ -39,9 +36,18 @@ def _bias_activation_kernel(y_ptr, bias_ptr, numel, width, ACTIVATION: tl.conste
         x = tl.maximum(x, 0.0)
     elif ACTIVATION == 3:
         x = x / (1.0 + tl.exp(-x))
-    else:
+    elif ACTIVATION == 4:
         x = x / (1.0 + tl.exp(-1.702 * x))
-    tl.store(y_ptr + offsets, x.to(y.dtype), mask=mask)
+    return x
+
+
+@triton.jit
+def _bias_activation_kernel(y_ptr, bias_ptr, numel, width, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
+    x = y.to(tl.float32) + tl.load(bias_ptr + offsets % width, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offsets, activate(x, ACTIVATION).to(y.dtype), mask=mask)
 
 
 def bias_activation_(y: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:

@@ -5,9 +5,11 @@ which the weight streams from memory. Each program reduces BLOCK_N weight rows a
 row in BLOCK_K-wide slices, keeping a [BLOCK_N, BLOCK_K] float32 accumulator and summing it once at the
 end. The tile divides the weight exactly (the launch checks), so the loads carry no masks and compile to
 full-width vector loads, and the inner dimension is never split: there is no second kernel adding
-partial sums, as cuBLAS's split-K GEMV has. With 4-row, 2048-wide tiles this reads GPT-J-6B's weights at
-0.79-0.92x of cuBLAS's time on an H100 (2.9-3.1 TB/s). The tile is a `MatmulConfig` with `block_m == 1`,
-so `gptserve tune` times it beside the tiled Triton product and cuBLAS.
+partial sums, as cuBLAS's split-K GEMV has. The bias and an MLP's activation are applied before the one
+rounding, so a decode step's fc_in needs no bias + activation kernel after it. With 4-row, 2048-wide
+tiles this reads GPT-J-6B's weights at 0.79-0.92x of cuBLAS's time on an H100 (2.9-3.1 TB/s). The tile
+is a `MatmulConfig` with `block_m == 1`, so `gptserve tune` times it beside the tiled Triton product and
+cuBLAS.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptserve.kernels.bias_activation import KERNEL_ACTIVATIONS, activate
 from gptserve.tuning.matmul_configs import MatmulConfig, default_gemv_config
 
 
@@ -28,6 +31,7 @@ def _gemv_kernel(
     K,
     stride_wn,
     HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -42,7 +46,7 @@ def _gemv_kernel(
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn).to(tl.float32)
-    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + rn, activate(y, ACTIVATION).to(out_ptr.dtype.element_ty))
 
 
 def gemv_fits(weight: torch.Tensor, config: MatmulConfig) -> bool:
@@ -58,9 +62,12 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: MatmulConfig | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype. `config` (a `block_m == 1` tile)
-    defaults to `default_gemv_config`; a tile that does not divide the weight is refused."""
+    """activation(x [1, K] @ weight [N, K]^T (+ bias [N])) -> [1, N] in x's dtype, the activation (one
+    of `KERNEL_ACTIVATIONS`, or none) applied in float32 before the one rounding. `config` (a
+    `block_m == 1` tile) defaults to `default_gemv_config`; a tile that does not divide the weight is
+    refused."""
     n, k = weight.shape
     config = config or default_gemv_config(n, k)
     if x.shape != (1, k):
@@ -77,6 +84,7 @@ def gemv(
         k,
         weight.stride(0),
         HAS_BIAS=bias is not None,
+        ACTIVATION=-1 if activation is None else KERNEL_ACTIVATIONS[activation],
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,

@@ -79,9 +79,15 @@ def bias_in_epilogue(*layers: nn.Module) -> None:
 
 
 def linear_activation(linear: nn.Module, activation: Activation, x: torch.Tensor) -> torch.Tensor:
-    """activation(linear(x)); on CUDA the layer's bias and the activation are one kernel."""
+    """activation(linear(x)); on CUDA the layer's bias and the activation are one kernel, or part of the
+    product's where the one-row GEMV serves it."""
     if x.is_cuda and linear.bias is not None:
         from gptserve.kernels.bias_activation import KERNEL_ACTIVATIONS, bias_activation_
+
+        if isinstance(linear, TunedLinear) and activation.name in KERNEL_ACTIVATIONS:
+            y = linear.activated(x, activation.name)
+            if y is not None:
+                return y
 
         split = _product_and_bias(linear, x) if activation.name in KERNEL_ACTIVATIONS else None
         if split is not None:

@@ -42,6 +42,18 @@ class TunedLinear(nn.Module):
         """x @ W^T without the bias, for a caller that adds the bias in a fused kernel."""
         return self._gemm(x, None)
 
+    def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """activation(x @ W^T + b) from one GEMV kernel when the GEMV serves this many rows (the
+        activation one of `KERNEL_ACTIVATIONS`); else None."""
+        flat = x.reshape(-1, x.shape[-1])
+        config = self.configs.get(flat.shape[0])
+        if config is None or config.block_m != 1:
+            return None
+        from gptserve.kernels.gemv import gemv
+
+        y = gemv(flat, self.inner.weight, self.inner.bias, config, activation)
+        return y.view(*x.shape[:-1], -1)
+
     def _gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         config = self.configs.get(flat.shape[0])

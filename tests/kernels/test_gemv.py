@@ -1,6 +1,7 @@
 """The one-row Triton GEMV against its float32 reference on fresh random inputs: its default tile and
-every tile `gptserve tune` tries, with and without a bias, fp16 and bf16 (GPU only); tiles that do not
-divide the weight and activations of more than one row are refused before anything runs."""
+every tile `gptserve tune` tries, with and without a bias, fp16 and bf16, and with each activation it
+applies before rounding (GPU only); tiles that do not divide the weight and activations of more than one
+row are refused before anything runs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,23 @@ def test_every_tile_matches_reference(dtype, n, k, bias):
         out = matmul(x, weight, b, config)  # the tuner's entry point sends block_m == 1 here
         assert out.shape == (1, n) and out.dtype == dtype
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu", "silu", "quick_gelu"])
+def test_bias_and_activation_in_the_epilogue(activation):
+    from gptserve.kernels.bias_activation import bias_activation_reference
+    from gptserve.kernels.gemv import gemv
+    from gptserve.kernels.matmul import matmul_reference
+
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    device = torch.device("cuda")
+    x = torch.randn(1, 4096, device=device).half()
+    weight = (torch.randn(1024, 4096, device=device) * 0.02).half()
+    bias = torch.randn(1024, device=device).half()
+    product = matmul_reference(x, weight, None).float()  # float32, as the kernel has it before rounding
+    expected = bias_activation_reference(product, bias, activation).half()
+    torch.testing.assert_close(gemv(x, weight, bias, activation=activation), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_tiles_that_do_not_fit_are_refused():

@@ -65,6 +65,8 @@ def test_one_row_gemv_wraps_the_half_precision_layers_it_fits():
         assert block.fc_out.configs == {1: MatmulConfig(1, 4, 1024, 1, 4, 3)}
         assert type(block.odd) is nn.Linear
     assert all(type(layer) is nn.Linear for layer in net[2].children())
+    # bias and activation join the product only where the GEMV serves the row count
+    assert net[0].qkv.activated(torch.zeros(2, 256, dtype=torch.float16), "gelu") is None
 
 
 def test_the_report_replaces_or_drops_the_default_gemv():
