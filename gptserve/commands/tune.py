@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--triton",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time the Triton matrix product's launch configurations (split-K for few rows)",
+        help="also time the Triton kernels' launch configurations (the one-row GEMV's tiles, split-K "
+        "tiles for few rows, large tiles for prompts)",
     )
     p.add_argument(
         "--keep",

@@ -84,14 +84,13 @@ def linear_activation(linear: nn.Module, activation: Activation, x: torch.Tensor
     if x.is_cuda and linear.bias is not None:
         from gptserve.kernels.bias_activation import KERNEL_ACTIVATIONS, bias_activation_
 
-        if isinstance(linear, TunedLinear) and activation.name in KERNEL_ACTIVATIONS:
-            y = linear.activated(x, activation.name)
+        if activation.name in KERNEL_ACTIVATIONS:
+            y = linear.activated(x, activation.name) if isinstance(linear, TunedLinear) else None
             if y is not None:
                 return y
-
-        split = _product_and_bias(linear, x) if activation.name in KERNEL_ACTIVATIONS else None
-        if split is not None:
-            return bias_activation_(split[0], split[1], activation.name)
+            split = _product_and_bias(linear, x)
+            if split is not None:
+                return bias_activation_(split[0], split[1], activation.name)
     return activation(linear(x))
 
 

@@ -8,8 +8,8 @@ split-K tiles for decode-sized row counts, large tiles for prompts) is timed too
 against cuBLAS's default, both captured in CUDA graphs and replayed in turn (GPU time only, as a decode
 step's graph sees it, the calls cycling through copies of the weight larger than the L2 cache together,
 so that each call reads its weight from memory as a model's GEMMs do); the fastest serves if it wins by
-`min_gain` (TunableOp's own timing is short and a pick can lose on a second
-look), else cuBLAS's default. Serving with the files loaded (tuning itself off) dispatches each GEMM to
+`min_gain` (TunableOp's own timing is short and a pick can lose on a second look), else cuBLAS's
+default. Serving with the files loaded (tuning itself off) dispatches each GEMM to
 what won for it, in eager steps and inside CUDA graphs alike. The tuning files sit beside the model:
 
 - `gptserve-gemm-tuning.csv`: the TunableOp picks that serve, in TunableOp's format (read by
