@@ -386,7 +386,6 @@ def _engine(
     tokenizer = checkpoint.tokenizer
     if tokenizer is not None and checkpoint.chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = checkpoint.chat_template
-    engine = LLMEngine(config, net, tokenizer, num_blocks)
-    engine.chat_template = checkpoint.chat_template
-    engine.model_name = str(model) if model else "SmolLM2-135M-Instruct"
-    return engine
+    runner = ModelRunner(net, model_config, num_blocks, opts.block_size, device, dtype, kv_dtype)
+    model_name = str(model) if model else "SmolLM2-135M-Instruct"
+    return LLMEngine(config, runner, tokenizer, model_name, checkpoint.chat_template)

@@ -46,25 +46,21 @@ class LLMEngine:
     def __init__(
         self,
         config: EngineConfig,
-        model: torch.nn.Module,
+        runner: ModelRunner,
         tokenizer: PreTrainedTokenizerBase | None,
-        num_blocks: int,
+        model_name: str = "model",
+        chat_template: str | None = None,
     ):
         self.config = config
         self.model_config = config.model
         self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.chat_template = chat_template
         self.max_model_len = config.scheduler.max_model_len
+        num_blocks = config.cache.num_blocks
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(
-            model,
-            config.model,
-            num_blocks,
-            config.cache.block_size,
-            config.device,
-            config.dtype,
-            config.cache.dtype,
-        )
+        self.runner = runner
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._finished_outside_step: list[Request] = []
