@@ -78,7 +78,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace):
-    from gptserve.engine.builder import EngineOptions
+    from gptserve.engine.engine_options import EngineOptions
 
     return EngineOptions(
         device=args.device,

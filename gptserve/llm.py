@@ -6,10 +6,11 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.engine.builder import build_engine
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.engine.llm_engine import LLMEngine
+from gptserve.engine.tp_launcher import shutdown_world
 from gptserve.outputs import RequestOutput
-from gptserve.parallel.launcher import shutdown_world
 from gptserve.progress import progress_bar
 from gptserve.sampling_params import SamplingParams
 

@@ -8,7 +8,8 @@ import argparse
 import pytest
 
 from gptserve.cli import add_engine_args, engine_options
-from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.engine.builder import build_engine
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.errors import GptServeError
 
 

@@ -15,8 +15,9 @@ from gptserve.bench.hardware import copy_bandwidth, decode_weight_bytes
 from gptserve.bench.random_weights import random_checkpoint
 from gptserve.bench.report import print_table
 from gptserve.bench.workload import median, random_prompts
-from gptserve.engine.builder import EngineOptions, build_engine
-from gptserve.engine.model_runner import kv_bytes_per_token
+from gptserve.engine.builder import build_engine
+from gptserve.engine.engine_options import EngineOptions
+from gptserve.engine.kv_budget import kv_bytes_per_token
 from gptserve.sampling_params import SamplingParams
 
 
@@ -48,7 +49,7 @@ def step_mix(engine, num_prompts: int) -> list[tuple[str, str]]:
     spent: dict[str, list[float]] = {}
 
     def timed(step, input_ids=None):
-        graphs = runner.cuda_graphs
+        graphs = runner.graphs
         if graphs is not None and graphs.can_replay(step):
             kind = "graph replay"
         elif step.prefills:
@@ -116,7 +117,7 @@ def main() -> None:
     checkpoint = random_checkpoint(args.random_weights, "cuda", torch.float16)
     engine = build_engine(f"random:{args.random_weights}", opts, checkpoint=checkpoint)
     runner = engine.runner
-    graphs = runner.cuda_graphs
+    graphs = runner.graphs
     bandwidth = copy_bandwidth(torch.device("cuda"))
     weights = decode_weight_bytes(runner.model)
     kv_token = kv_bytes_per_token(engine.model_config, engine.runner.layers[0].kv_cache.dtype)
@@ -138,7 +139,7 @@ def main() -> None:
     rows.append(("engine decode step, batch 1", f"{median(step_times):.3f} ms (wall, median)"))
 
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        ms = replay_ms(graphs.graphs[batch], args.context_len, num_blocks, runner.block_size)
+        ms = replay_ms(graphs.decode_graphs[batch], args.context_len, num_blocks, runner.block_size)
         moved = weights + batch * args.context_len * kv_token
         rows.append(
             (
@@ -149,7 +150,7 @@ def main() -> None:
         )
     if args.mix_prompts:
         rows += step_mix(engine, args.mix_prompts)
-    graph = graphs.graphs[1]
+    graph = graphs.decode_graphs[1]
     replay_ms(graph, 128, num_blocks, runner.block_size, repeats=3)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):

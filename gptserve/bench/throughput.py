@@ -19,7 +19,7 @@ from gptserve.bench.kernel_profile import profile_engine_steps
 from gptserve.bench.report import gb, print_table, write_json
 from gptserve.bench.workload import random_prompts
 from gptserve.config import parse_dtype
-from gptserve.engine.model_runner import kv_bytes_per_token
+from gptserve.engine.kv_budget import kv_bytes_per_token
 from gptserve.llm import LLM
 from gptserve.sampling_params import SamplingParams
 

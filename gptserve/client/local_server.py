@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from gptserve.engine.builder import EngineOptions
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.errors import GptServeError
 
 STARTUP_TIMEOUT_S = 60.0

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{options.tensor_parallel_size} save a checkpoint and `gptserve convert` it"
             )
         from gptserve.bench.random_weights import random_checkpoint
-        from gptserve.engine.builder import build_engine, resolve_device, resolve_dtype
+        from gptserve.engine.builder import build_engine
+        from gptserve.engine.engine_options import resolve_device, resolve_dtype
 
         device = resolve_device(options.device)
         args.checkpoint = random_checkpoint(args.random_weights, device, resolve_dtype(options.dtype, device))

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gptserve.config import ModelConfig
-    from gptserve.engine.builder import resolve_dtype
+    from gptserve.engine.engine_options import resolve_dtype
     from gptserve.loading.checkpoint import load_checkpoint
     from gptserve.tuning.gemm_shapes import decode_row_counts, model_gemm_shapes, prefill_row_counts
     from gptserve.tuning.gemm_tuner import MIN_GAIN, served_counts, step_estimates, tune_gemms, tuning_dir

@@ -1,4 +1,5 @@
-"""Decode steps, and single fresh prompts, replayed from CUDA graphs, one graph per size of a bounded set.
+"""A model runner's step graphs: decode steps, and single fresh prompts, replayed from CUDA graphs, one
+graph per size of a bounded set.
 
 A decode-only step of B sequences runs the graph of the smallest captured size >= B. Every input the
 graph reads sits in one static int64 device buffer per size (token ids, positions, cache slots, context
@@ -15,7 +16,8 @@ varlen call and the padding tokens a second one (cache slot -1), so they never m
 per-kernel launch cost out of the time to first token.
 
 Other steps (mixed prefill and decode, several prompts, a cached prefix, more sequences than the largest
-graph) run eagerly.
+graph) run eagerly. The model runner owns its `StepGraphs`: it has them captured once its KV cache is
+allocated, and asks them to replay each step they fit.
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
+from gptserve.engine.step_inputs import StepInputs
 from gptserve.layers.attention import AttentionMetadata, VarlenPrefill, attention_context
 from gptserve.parallel import parallel_state
-
-if TYPE_CHECKING:
-    from gptserve.engine.model_runner import ModelRunner, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 2
 PREFILL_TOKEN_COUNTS = (32, 64, 128, 256, 512)
 
 
-class _Graph:
+class _DecodeGraph:
     """One captured decode step: its static input buffer, the views the model reads, its logits."""
 
     def __init__(self, batch: int, width: int, device: torch.device):
@@ -109,20 +110,24 @@ class _PrefillGraph:
         )
 
 
-class CudaGraphRunner:
-    """Captures the model's decode step for each batch size and replays it for matching steps."""
+class StepGraphs:
+    """Captures the model's decode step for each batch size, and its lone-prompt prefill step for each
+    token count, and replays them for matching steps."""
 
     def __init__(
         self,
-        runner: ModelRunner,
+        model: nn.Module,
+        device: torch.device,
+        block_size: int,
         batch_sizes: list[int],
         max_model_len: int,
         prefill_sizes: tuple[int, ...] = (),
     ):
-        self.runner = runner
-        self.width = -(-max_model_len // runner.block_size)
+        self.model = model
+        self.device = device
+        self.width = -(-max_model_len // block_size)
         self.batch_sizes = sorted(set(batch_sizes))
-        self.graphs: dict[int, _Graph] = {}
+        self.decode_graphs: dict[int, _DecodeGraph] = {}
         self.prefill_graphs: dict[int, _PrefillGraph] = {}
         self.prefill_sizes = list(prefill_sizes)
         self.replays = {"decode": 0, "prefill": 0}  # steps served from graphs, by kind
@@ -142,18 +147,18 @@ class CudaGraphRunner:
     def capture(self) -> float:
         """Capture every size, largest first so the smaller ones reuse its memory pool; seconds taken."""
         start = time.perf_counter()
-        device = self.runner.device
+        device = self.device
         pool = None
         stream = torch.cuda.Stream(device)
         # Under tensor parallelism the communication library's watchdog thread queries CUDA events while
         # this thread captures; only this thread's calls must keep off the capture.
         mode = "thread_local" if parallel_state.world_size() > 1 else "global"
         for batch in reversed(self.batch_sizes):
-            graph = _Graph(batch, self.width, device)
+            graph = _DecodeGraph(batch, self.width, device)
             graph.lens.fill_(1)  # warm-up and capture attend to one cached token (block 0)
             graph.logits = self._record(graph.graph, lambda g=graph: self._forward(g), pool, stream, mode)
             pool = graph.graph.pool()
-            self.graphs[batch] = graph
+            self.decode_graphs[batch] = graph
         for tokens in reversed(self.prefill_sizes):
             graph = _PrefillGraph(tokens, device)
             graph.length.fill_(tokens)
@@ -176,7 +181,7 @@ class CudaGraphRunner:
     ) -> torch.Tensor:
         """Run `forward` once on `stream` (compiling kernels and setting up cuBLAS outside the capture),
         then capture it into `cuda_graph`; returns the captured output."""
-        device = self.runner.device
+        device = self.device
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             forward()
@@ -185,15 +190,15 @@ class CudaGraphRunner:
         with torch.cuda.graph(cuda_graph, pool=pool, stream=stream, capture_error_mode=mode):
             return forward()
 
-    def _forward(self, graph: _Graph) -> torch.Tensor:
-        model = self.runner.model
+    def _forward(self, graph: _DecodeGraph) -> torch.Tensor:
+        model = self.model
         with attention_context(graph.metadata()):
             hidden = model(graph.ids, graph.pos)
         return model.compute_logits(hidden).float()
 
     def _prefill_forward(self, graph: _PrefillGraph) -> torch.Tensor:
         graph.cu[1:2].copy_(graph.length)  # the prompt ends where the padding sequence starts
-        model = self.runner.model
+        model = self.model
         with attention_context(graph.metadata()):
             hidden = model(graph.ids, graph.pos)
         return model.compute_logits(hidden[graph.row]).float()
@@ -230,7 +235,7 @@ class CudaGraphRunner:
             prefill.graph.replay()
             self.replays["prefill"] += 1
             return prefill.logits.clone()
-        graph = self.graphs[self._size_for[n]]
+        graph = self.decode_graphs[self._size_for[n]]
         graph.load(step)
         if input_ids is not None:
             graph.ids[:n].copy_(input_ids)
@@ -239,18 +244,26 @@ class CudaGraphRunner:
         return graph.logits[:n].clone()
 
 
-def capture_decode_graphs(
-    runner: ModelRunner, max_num_seqs: int, max_model_len: int, batch_sizes: tuple[int, ...] | None = None
-) -> CudaGraphRunner:
-    """Capture the decode step of `runner` for the batch sizes up to `max_num_seqs`; logs what it did."""
+def capture_step_graphs(
+    model: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_size: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    batch_sizes: tuple[int, ...] | None = None,
+) -> StepGraphs:
+    """Capture the decode step of `model` (activations in `dtype`, KV cache in blocks of `block_size`) for
+    the batch sizes up to `max_num_seqs`, and in half precision its lone-prompt prefill step for the token
+    counts below `max_model_len`; logs what it did."""
     sizes = [b for b in (batch_sizes or DEFAULT_BATCH_SIZES) if b <= max_num_seqs]
     if not sizes or sizes[-1] < min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]):
         sizes.append(min(max_num_seqs, DEFAULT_BATCH_SIZES[-1]))
     # Prefill graphs use FlashAttention's varlen kernel, which takes half precision only.
-    half = runner.dtype in (torch.float16, torch.bfloat16)
+    half = dtype in (torch.float16, torch.bfloat16)
     prefill = tuple(n for n in PREFILL_TOKEN_COUNTS if n < max_model_len) if half else ()
-    graphs = CudaGraphRunner(runner, sizes, max_model_len, prefill)
-    before = torch.cuda.memory_allocated(runner.device)
+    graphs = StepGraphs(model, device, block_size, sizes, max_model_len, prefill)
+    before = torch.cuda.memory_allocated(device)
     seconds = graphs.capture()
     logger.info(
         "CUDA graphs: decode step captured for batch sizes %s (block tables %d wide), a lone fresh "
@@ -259,6 +272,6 @@ def capture_decode_graphs(
         graphs.width,
         ",".join(map(str, prefill)) or "none",
         seconds,
-        (torch.cuda.memory_allocated(runner.device) - before) / (1 << 20),
+        (torch.cuda.memory_allocated(device) - before) / (1 << 20),
     )
     return graphs

@@ -1,4 +1,5 @@
-"""How many bytes the paged KV cache gets when `--kv-cache-memory` does not say.
+"""How many bytes the paged KV cache gets when `--kv-cache-memory` does not say, and how many one token
+takes.
 
 On CPU the budget is a fixed 1 GiB (host memory is shared with everything else). On a GPU the cache takes
 what is left of `--gpu-memory-utilization` (0.9 by default, the fraction of the card this process may
@@ -23,6 +24,12 @@ GiB = 1 << 30
 DEFAULT_CPU_KV_CACHE_BYTES = 1 * GiB
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 GRAPH_AND_COMM_RESERVE = 1 * GiB  # CUDA graph pools, NCCL buffers, cuBLAS workspaces
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, world_size: int = 1) -> int:
+    """Bytes of K and V that one token occupies across all layers, on each of `world_size` ranks."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * (config.num_kv_heads // world_size) * config.head_dim * elem
 
 
 def activation_bytes(

@@ -1,4 +1,5 @@
-"""Runs one engine step on the model: packs the scheduled tokens, owns the KV cache tensors.
+"""Runs one engine step on the model: packs the scheduled tokens, owns the KV cache tensors and the CUDA
+graphs its steps replay.
 
 The packed batch holds decode tokens first (one query per sequence, attention batched over padded
 block tables) and prefill chunks after them (attention per chunk). No sequence is padded to the
@@ -9,43 +10,16 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from gptserve.config import ModelConfig
+from gptserve.engine.cuda_graphs import StepGraphs, capture_step_graphs
 from gptserve.engine.scheduler import ScheduledSeq
+from gptserve.engine.step_inputs import StepInputs
 from gptserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_context
 from gptserve.parallel import parallel_state
-
-if TYPE_CHECKING:
-    from gptserve.engine.cuda_graphs import CudaGraphRunner
-
-
-@dataclass
-class StepInputs:
-    """One step's packed batch as plain Python data: all a tensor-parallel rank needs to run the same
-    forward pass on its shard (rank 0 broadcasts it before running the step itself)."""
-
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slot_mapping: list[int] = field(default_factory=list)
-    decode_tables: list[list[int]] = field(default_factory=list)  # block table of each decode query
-    decode_lens: list[int] = field(default_factory=list)
-    # (query offset, query length, context length, the context's blocks) of each prefill chunk
-    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
-    logits_rows: list[int] = field(default_factory=list)  # rows of the packed batch to compute logits for
-    # the input ids are rank 0's samples, still on its device: every rank takes them from a broadcast
-    tokens_on_device: bool = False
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) cache blocks, before the step
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, world_size: int = 1) -> int:
-    """Bytes of K and V that one token occupies across all layers, on each of `world_size` ranks."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * (config.num_kv_heads // world_size) * config.head_dim * elem
 
 
 class ModelRunner:
@@ -67,7 +41,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype  # the activations'; the KV cache holds `kv_dtype` (default: the same)
         self.publish: Callable[[StepInputs], None] | None = None  # sends each step to the other TP ranks
-        self.cuda_graphs: CudaGraphRunner | None = None  # decode steps replayed from CUDA graphs
+        self.graphs: StepGraphs | None = None  # steps replayed from CUDA graphs, once `capture_graphs` ran
         self.layers: list[Attention] = [m for m in model.modules() if isinstance(m, Attention)]
         if len(self.layers) != config.num_layers:
             raise RuntimeError(
@@ -76,9 +50,18 @@ class ModelRunner:
         for layer in self.layers:
             layer.allocate_cache(num_blocks, block_size, kv_dtype or dtype, device)
 
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture CUDA graphs of the decode step for batches of up to `max_num_seqs` sequences (block
+        tables wide enough for `max_model_len`) and, in half precision, of a lone fresh prompt's step;
+        `run` replays them for every step they fit. Under tensor parallelism every rank captures the same
+        graphs, so their collectives meet."""
+        self.graphs = capture_step_graphs(
+            self.model, self.device, self.dtype, self.block_size, max_num_seqs, max_model_len
+        )
+
     def release(self) -> None:
         """Give the KV cache and CUDA graphs back to the allocator; the runner cannot run afterwards."""
-        self.cuda_graphs = None
+        self.graphs = None
         for layer in self.layers:
             layer.release_cache()
         if self.device.type == "cuda":
@@ -157,8 +140,8 @@ class ModelRunner:
             if input_ids is None:
                 input_ids = torch.empty(len(step.input_ids), dtype=torch.long, device=self.device)
             parallel_state.broadcast_tensor(input_ids)
-        if self.cuda_graphs is not None and self.cuda_graphs.can_replay(step):
-            return self.cuda_graphs.replay(step, input_ids)
+        if self.graphs is not None and self.graphs.can_replay(step):
+            return self.graphs.replay(step, input_ids)
         prefills = [
             PrefillChunk(offset, n, end, self._slots(blocks, 0, end).to(self.device))
             for offset, n, end, blocks in step.prefills

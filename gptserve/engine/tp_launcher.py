@@ -1,10 +1,11 @@
-"""Starts and stops this process's tensor-parallel world.
+"""Starts and stops this process's tensor-parallel world of engine processes.
 
 Two ways in. Launched by `torchrun` (RANK and WORLD_SIZE set), the world is torchrun's: every process
-runs the same command, rank 0 serves and the others run the worker loop. Otherwise rank 0 is this
-process and it spawns the other N-1 ranks on this machine (`torch.multiprocessing`, spawn start method),
-which join over a TCP rendezvous on the loopback interface and take their step messages from a
-shared-memory channel (`step_channel`).
+runs the same command, rank 0 serves and the others leave it for the worker's loop
+(`serve_torchrun_rank`). Otherwise rank 0 is this process and it spawns the other N-1 ranks on this
+machine (`torch.multiprocessing`, spawn start method, entering at `tp_worker.worker_main`), which join
+over a TCP rendezvous on the loopback interface and take their step messages from a shared-memory
+channel (`step_channel`).
 
 A spawned worker that dies fails the whole group loudly: gloo collectives raise when a peer's socket
 closes, and a watchdog thread on rank 0 reports the worker's exit code and ends the process, which is
@@ -23,11 +24,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.multiprocessing as mp
 
+from gptserve.engine.engine_options import EngineOptions, resolve_device
+from gptserve.engine.tp_worker import end_process_on_cuda, serve_rank, worker_main
 from gptserve.errors import GptServeError
+from gptserve.loading.checkpoint import Checkpoint
 from gptserve.parallel import parallel_state
 from gptserve.parallel.step_channel import StepChannel
 
@@ -38,7 +44,7 @@ JOIN_TIMEOUT_S = 30.0
 
 @dataclass
 class TensorParallelWorld:
-    """The running world as rank 0 (or a torchrun worker) sees it."""
+    """The running world as rank 0 (or a torchrun rank other than 0) sees it."""
 
     world_size: int
     rank: int
@@ -98,19 +104,17 @@ def current_world() -> TensorParallelWorld | None:
 
 
 def start_world(
-    world_size: int, device: torch.device, model: str | None, options: object
+    world_size: int, device: torch.device, model: str | None, options: EngineOptions
 ) -> TensorParallelWorld:
     """Join (torchrun) or create (spawn) a world of `world_size` ranks; `model` and `options` are what a
-    spawned worker needs to build its shard (`worker.worker_main`)."""
+    spawned worker needs to load its shard (`tp_worker.worker_main`)."""
     global _world
     if _world is not None:
         raise GptServeError(
             f"a tensor-parallel group of {_world.world_size} ranks is already running in this process; "
             "shut it down before building another engine"
         )
-    if parallel_state.world_size() > 1:  # a spawned worker, joined by `worker.worker_main`
-        _world = TensorParallelWorld(parallel_state.world_size(), parallel_state.rank())
-    elif parallel_state.launched_by_torchrun():
+    if parallel_state.launched_by_torchrun():
         env_world = int(os.environ["WORLD_SIZE"])
         if world_size not in (1, env_world):
             raise GptServeError(
@@ -119,8 +123,6 @@ def start_world(
         parallel_state.init_from_torchrun(device.type)
         _world = TensorParallelWorld(env_world, parallel_state.rank())
     else:
-        from gptserve.parallel.worker import worker_main
-
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         channel = _step_channel(world_size)
         ctx = mp.get_context("spawn")
@@ -149,11 +151,19 @@ def shutdown_world() -> None:
         _world.shutdown()
 
 
-def rank_device(device: torch.device) -> torch.device:
-    """The device this rank computes on: `cuda:<local rank>` on CUDA."""
-    if device.type != "cuda" or parallel_state.world_size() == 1:
-        return device
-    return torch.device("cuda", parallel_state.local_rank())
+def serve_torchrun_rank(
+    world: TensorParallelWorld, model: str | Path | None, options: EngineOptions, checkpoint: Checkpoint
+) -> NoReturn:
+    """A torchrun rank other than 0, which runs the same program as rank 0: serve rank 0's steps on this
+    rank's shard of `checkpoint`, then end the process once rank 0 stops the group."""
+    try:
+        serve_rank(model, options, checkpoint)
+    except BaseException:
+        world.shutdown()
+        raise
+    end_process_on_cuda(resolve_device(options.device))
+    world.shutdown()
+    raise SystemExit(0)
 
 
 def _step_channel(world_size: int) -> StepChannel | None:

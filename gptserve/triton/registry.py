@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.engine.builder import build_engine
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.errors import GptServeError
 from gptserve.triton import repository as repo
 from gptserve.triton.ensemble import EnsembleModel

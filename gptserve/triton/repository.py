@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from gptserve.engine.builder import EngineOptions, resolve_device
+from gptserve.engine.engine_options import EngineOptions, resolve_device
 from gptserve.errors import GptServeError
 
 logger = logging.getLogger(__name__)

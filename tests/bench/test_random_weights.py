@@ -7,7 +7,8 @@ import torch
 
 from gptserve import LLM, SamplingParams
 from gptserve.bench.random_weights import hf_model_from_checkpoint, random_checkpoint
-from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.engine.builder import build_engine
+from gptserve.engine.engine_options import EngineOptions
 from tests.conftest import hf_greedy
 
 

@@ -51,7 +51,7 @@ def test_gpu_greedy_matches_transformers(arch, dtype, enforce_eager, tiny_models
     path, cpu_model = tiny_models[arch]
     hf_model = copy.deepcopy(cpu_model).to("cuda", DTYPES[dtype])
     llm = LLM(str(path), dtype=dtype, device="cuda", max_num_batched_tokens=64, enforce_eager=enforce_eager)
-    assert (llm.engine.runner.cuda_graphs is None) == enforce_eager
+    assert (llm.engine.runner.graphs is None) == enforce_eager
     prompts = random_prompts(len(LENGTHS), cpu_model.config.vocab_size, LENGTHS, seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
     outputs = llm.generate(prompts, params)
@@ -82,7 +82,7 @@ def test_lone_prompts_replay_prefill_graphs(arch, tiny_models):
     path, cpu_model = tiny_models[arch]
     hf_model = copy.deepcopy(cpu_model).to("cuda", torch.bfloat16)
     llm = LLM(str(path), dtype="bf16", device="cuda", enable_prefix_caching=False)
-    graphs = llm.engine.runner.cuda_graphs
+    graphs = llm.engine.runner.graphs
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
     prompts = random_prompts(3, cpu_model.config.vocab_size, [3, 32, 40], seed=4)
     for prompt in prompts:
@@ -120,7 +120,7 @@ def test_one_row_gemv_matches_transformers(arch, tmp_path):
     for prompt in random_prompts(2, cpu_model.config.vocab_size, [5, 40], seed=6):
         (out,) = llm.generate([prompt], params)
         _check_against_hf(hf_model, prompt, out.outputs[0], "fp16")
-    assert llm.engine.runner.cuda_graphs.replays["decode"] == 2 * (NEW_TOKENS - 1)
+    assert llm.engine.runner.graphs.replays["decode"] == 2 * (NEW_TOKENS - 1)
     del llm
     plain = LLM(str(tmp_path), dtype="fp16", device="cuda", gemv="cublas")
     assert not [m for m in plain.engine.runner.model.modules() if isinstance(m, TunedLinear)]

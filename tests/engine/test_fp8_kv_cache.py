@@ -11,7 +11,7 @@ import torch
 
 from gptserve import LLM, SamplingParams
 from gptserve.cli import add_engine_args, engine_options
-from gptserve.engine.builder import kv_cache_dtype
+from gptserve.engine.engine_options import kv_cache_dtype
 from gptserve.errors import GptServeError
 from tests.conftest import random_prompts
 

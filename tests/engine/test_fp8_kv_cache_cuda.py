@@ -37,7 +37,7 @@ def test_fp8_cache_on_cuda(tiny_models, arch):
         expected = layer_full.kv_cache.to(torch.float8_e4m3fn).to(torch.bfloat16)
         torch.testing.assert_close(written, expected, rtol=0.07, atol=1e-3)  # one fp8 step at most
     assert_first_decode_close(full, fp8, prompts, 6)  # decode steps replayed from graphs
-    assert fp8.engine.runner.cuda_graphs is not None and fp8.engine.runner.cuda_graphs.replays["decode"] > 0
+    assert fp8.engine.runner.graphs is not None and fp8.engine.runner.graphs.replays["decode"] > 0
     for llm in (full, fp8):
         assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
         llm.close()

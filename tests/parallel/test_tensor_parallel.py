@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from gptserve.cli import main
+from gptserve.engine.tp_launcher import current_world
 from gptserve.llm import LLM
 from gptserve.outputs import CompletionOutput
-from gptserve.parallel.launcher import current_world
 from gptserve.sampling_params import SamplingParams
 from tests.conftest import ARCHS, process_running, random_prompts
 from tests.parallel.conftest import ODD_VOCAB
@@ -91,7 +91,7 @@ def test_dead_worker_fails_rank0_loudly(odd_vocab_models):
     code = f"""
         import os, signal, sys, time
         from gptserve.llm import LLM
-        from gptserve.parallel.launcher import current_world
+        from gptserve.engine.tp_launcher import current_world
         llm = LLM(sys.argv[1], tensor_parallel_size=2, **{ENGINE!r})
         os.kill(current_world().workers[0].pid, signal.SIGKILL)
         time.sleep(1)
@@ -142,7 +142,7 @@ def test_worker_leaves_when_rank0_is_killed(odd_vocab_models):
     code = f"""
         import sys, time
         from gptserve.llm import LLM
-        from gptserve.parallel.launcher import current_world
+        from gptserve.engine.tp_launcher import current_world
         llm = LLM(sys.argv[1], tensor_parallel_size=2, **{ENGINE!r})
         llm.generate([[1, 2, 3]])
         print("WORKER", current_world().workers[0].pid, flush=True)

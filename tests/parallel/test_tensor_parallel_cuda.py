@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from gptserve.engine.tp_launcher import current_world
 from gptserve.llm import LLM
 from gptserve.outputs import CompletionOutput, TokenLogprob
-from gptserve.parallel.launcher import current_world
 from gptserve.sampling_params import SamplingParams
 from tests.conftest import random_prompts
 from tests.parallel.conftest import ODD_VOCAB

@@ -10,9 +10,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from gptserve.engine.builder import EngineOptions
+from gptserve.engine.engine_options import EngineOptions
+from gptserve.engine.tp_launcher import shutdown_world
 from gptserve.parallel import parallel_state
-from gptserve.parallel.launcher import shutdown_world
 from gptserve.triton.registry import ModelRegistry
 from gptserve.triton.types import InferRequest
 from tests.conftest import build_tiny_model, hf_greedy, random_prompts

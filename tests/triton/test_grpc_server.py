@@ -26,7 +26,8 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from gptserve.engine.builder import EngineOptions, build_engine
+from gptserve.engine.builder import build_engine
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.server.async_engine import AsyncEngine
 from gptserve.server.metrics import ServerMetrics

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptserve.engine.builder import EngineOptions
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.triton.registry import ModelRegistry
 from gptserve.triton.tokenizer_models import load_gpt2_bpe
 from gptserve.triton.types import InferRequest, TritonError

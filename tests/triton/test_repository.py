@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptserve.engine.builder import EngineOptions
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.triton import repository as repo
 from gptserve.triton.registry import ModelRegistry
 from gptserve.triton.types import InferRequest, TritonError
