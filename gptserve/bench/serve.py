@@ -217,7 +217,7 @@ def offline_baseline(args: argparse.Namespace, prompts: list[list[int]], max_seq
 
 def _vocab_size(args: argparse.Namespace) -> int:
     from gptserve.config import ModelConfig
-    from gptserve.loading.checkpoint import load_checkpoint
+    from gptserve.loading.loader import load_checkpoint
 
     return ModelConfig.from_hf(load_checkpoint(args.model).hf_config).vocab_size
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_source(src: Path, config_file: str | None):
-    from gptserve.loading.checkpoint import load_checkpoint
+    from gptserve.loading.loader import load_checkpoint
     from gptserve.loading.mtj_slim import is_mtj_slim_dir, read_mtj_checkpoint
 
     if src.is_dir() and is_mtj_slim_dir(src):

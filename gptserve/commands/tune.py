@@ -44,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     from gptserve.config import ModelConfig
     from gptserve.engine.engine_options import resolve_dtype
-    from gptserve.loading.checkpoint import load_checkpoint
+    from gptserve.layers.tuning_file import tuning_dir
+    from gptserve.loading.loader import load_checkpoint
     from gptserve.tuning.gemm_shapes import decode_row_counts, model_gemm_shapes, prefill_row_counts
-    from gptserve.tuning.gemm_tuner import MIN_GAIN, served_counts, step_estimates, tune_gemms, tuning_dir
+    from gptserve.tuning.gemm_tuner import MIN_GAIN, served_counts, step_estimates, tune_gemms
 
     batch_sizes = _batch_sizes(args.batch_sizes)
     if not torch.cuda.is_available():

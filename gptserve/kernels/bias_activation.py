@@ -7,7 +7,10 @@ applies the activation in float32, rounding once: y = act(y + bias).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -63,8 +66,17 @@ def bias_activation_(y: torch.Tensor, bias: torch.Tensor, activation: str) -> to
     return y
 
 
+# `activate`'s formulas in plain PyTorch, by the kernel's code.
+_REFERENCE_ACTIVATIONS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    0: F.gelu,
+    1: lambda x: F.gelu(x, approximate="tanh"),
+    2: F.relu,
+    3: F.silu,
+    4: lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
 def bias_activation_reference(y: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
     """`bias_activation_` in plain PyTorch (float32, rounded once), out of place."""
-    from gptserve.layers.activation import ACTIVATIONS
-
-    return ACTIVATIONS[activation](y.float() + bias.float()).to(y.dtype)
+    formula = _REFERENCE_ACTIVATIONS[KERNEL_ACTIVATIONS[activation]]
+    return formula(y.float() + bias.float()).to(y.dtype)

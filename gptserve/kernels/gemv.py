@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from gptserve.kernels.bias_activation import KERNEL_ACTIVATIONS, activate
-from gptserve.tuning.matmul_configs import MatmulConfig, default_gemv_config
+from gptserve.kernels.matmul_configs import MatmulConfig, default_gemv_config
 
 
 @triton.jit

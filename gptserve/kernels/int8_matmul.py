@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from gptserve.kernels.matmul import matmul_kernel, sum_splits
-from gptserve.tuning.matmul_configs import LARGE_TILES
+from gptserve.kernels.matmul_configs import LARGE_TILES
 
 MAX_SPLIT_K = 8
 SMALL_M = 16  # at most this many rows take the split-K decode configurations

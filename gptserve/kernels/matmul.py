@@ -5,7 +5,7 @@ One program computes a BLOCK_M x BLOCK_N tile of y over one slice of the inner d
 the slices' float32 partial sums go to a [SPLIT_K, M, N] buffer and a second kernel adds them, applies the
 scale and bias and rounds once: a decode step's few rows then spread the weight reads over SPLIT_K times
 more programs. This is the candidate `gptserve tune` times against cuBLAS for each GEMM shape (launch
-configurations in `gptserve.tuning.matmul_configs`), and the tiled path of the int8 weight-only product.
+configurations in `gptserve.kernels.matmul_configs`), and the tiled path of the int8 weight-only product.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptserve.tuning.matmul_configs import MatmulConfig
+from gptserve.kernels.matmul_configs import MatmulConfig
 
 
 @triton.jit

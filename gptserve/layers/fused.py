@@ -1,5 +1,7 @@
 """Block epilogues that run as single kernels on a GPU: the residual add with the norm that follows it, a
-GEMM's bias with its activation, and a bias left out of a GEMM for the residual add to carry.
+GEMM's bias with its activation, and a bias left out of a GEMM for the residual add to carry. The GEMM
+epilogues ask the layer (`LinearLayer`) for its product without the bias and for the bias, whichever kind
+of linear layer it is.
 
 Off CUDA each falls back to the plain PyTorch ops in the order the models always used, so CPU results are
 exactly those of the unfused modules. On CUDA the fused kernels compute in float32 and round once, which
@@ -9,15 +11,12 @@ may differ from the unfused half-precision ops in the last bit.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gptserve.layers.activation import Activation
+from gptserve.layers.linear import LinearLayer
 from gptserve.layers.norms import RMSNorm
-from gptserve.layers.quantized_linear import WeightOnlyLinear
-from gptserve.layers.tuned_linear import TunedLinear
 from gptserve.parallel import parallel_state
-from gptserve.parallel.linear import ReducedLinear, RowParallelLinear
 
 
 def add_norm(
@@ -78,44 +77,24 @@ def bias_in_epilogue(*layers: nn.Module) -> None:
         layer.bias_in_epilogue = True
 
 
-def linear_activation(linear: nn.Module, activation: Activation, x: torch.Tensor) -> torch.Tensor:
+def linear_activation(linear: LinearLayer, activation: Activation, x: torch.Tensor) -> torch.Tensor:
     """activation(linear(x)); on CUDA the layer's bias and the activation are one kernel, or part of the
-    product's where the one-row GEMV serves it."""
+    product's where the layer's own kernel (the one-row GEMV) serves it."""
     if x.is_cuda and linear.bias is not None:
         from gptserve.kernels.bias_activation import KERNEL_ACTIVATIONS, bias_activation_
 
         if activation.name in KERNEL_ACTIVATIONS:
-            y = linear.activated(x, activation.name) if isinstance(linear, TunedLinear) else None
+            y = linear.activated(x, activation.name)
             if y is not None:
                 return y
-            split = _product_and_bias(linear, x)
-            if split is not None:
-                return bias_activation_(split[0], split[1], activation.name)
+            return bias_activation_(linear.product(x), linear.bias, activation.name)
     return activation(linear(x))
 
 
-def linear_deferring_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_deferring_bias(linear: LinearLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, bias) where y + bias = linear(x): on CUDA the layer's bias is left out of the product and
     returned for `add_norm` to add (after the reduction, where the layer reduces); elsewhere the bias is
     inside y and None is returned."""
     if x.is_cuda and linear.bias is not None:
-        split = _product_and_bias(linear, x)
-        if split is not None:
-            return split
-    return linear(x), None
-
-
-def _product_and_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The layer's output without its bias (reduced over the ranks where the layer reduces), and the
-    bias; None for a layer that cannot leave its bias out."""
-    if type(linear) is nn.Linear:
-        return F.linear(x, linear.weight), linear.bias
-    if isinstance(linear, WeightOnlyLinear | TunedLinear):
         return linear.product(x), linear.bias
-    if type(linear) is RowParallelLinear:
-        y = F.linear(x, linear.weight)
-    elif type(linear) is ReducedLinear:  # a quantized row-parallel layer
-        y = linear.inner(x)
-    else:
-        return None
-    return (parallel_state.all_reduce(y) if linear.reduce else y), linear.bias
+    return linear(x), None

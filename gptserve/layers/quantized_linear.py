@@ -22,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptserve.kernels.int8_weights import quantize_per_channel
+from gptserve.layers.linear import LinearLayer
+
 INT4_GROUP = 32
 
 
-class WeightOnlyLinear(nn.Module):
+class WeightOnlyLinear(LinearLayer):
     """Shared dispatch: compact kernel for few rows, dense GEMM (if kept) for many."""
 
     dense: torch.Tensor | None
@@ -45,7 +48,6 @@ class WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T without the bias, for a caller that adds the bias in a fused kernel."""
         if self._dense_serves(x):
             return F.linear(x, self.dense)
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -67,11 +69,9 @@ class Int8Linear(WeightOnlyLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        q, scale = quantize_per_channel(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(q, scale.to(linear.weight.dtype), bias)
+        return cls(q, scale, bias)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.to(self.scale.dtype) * self.scale[:, None]

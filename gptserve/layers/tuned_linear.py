@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptserve.kernels.matmul_configs import MatmulConfig, default_gemv_config
+from gptserve.layers.linear import Linear, LinearLayer
 
-class TunedLinear(nn.Module):
+
+class TunedLinear(LinearLayer):
     """`inner` with some row counts served by Triton configurations ({rows: MatmulConfig})."""
 
-    def __init__(self, inner: nn.Linear, configs: dict[int, Any]):
+    def __init__(self, inner: Linear, configs: dict[int, MatmulConfig]):
         super().__init__()
         self.inner = inner
         self.configs = configs
@@ -39,7 +42,6 @@ class TunedLinear(nn.Module):
         return self._gemm(x, self.inner.bias)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T without the bias, for a caller that adds the bias in a fused kernel."""
         return self._gemm(x, None)
 
     def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
@@ -68,14 +70,12 @@ class TunedLinear(nn.Module):
 
 
 def use_gemv_for_one_row(net: nn.Module) -> int:
-    """Wrap each plain fp16/bf16 linear layer of `net` whose weight a GEMV tile divides in a
-    `TunedLinear` that sends one-row products to the Triton GEMV; returns how many layers were wrapped."""
-    from gptserve.tuning.matmul_configs import default_gemv_config
-
+    """Wrap each dense fp16/bf16 `Linear` of `net` whose weight a GEMV tile divides in a `TunedLinear`
+    that sends one-row products to the Triton GEMV; returns how many layers were wrapped."""
     wrapped = 0
     for parent in list(net.modules()):
         for attr, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child.weight.dtype not in (torch.float16, torch.bfloat16):
+            if type(child) is not Linear or child.weight.dtype not in (torch.float16, torch.bfloat16):
                 continue
             config = default_gemv_config(child.out_features, child.in_features)
             if config is not None and child.weight.is_contiguous():
@@ -89,8 +89,6 @@ def apply_tuned_configs(net: nn.Module, gemms: list[dict[str, Any]]) -> int:
     GEMM): a Triton pick wraps the linear layers of that name and shape (or joins the configurations of
     one already wrapped); a row count served by cuBLAS or TunableOp drops any default Triton kernel for
     it. Returns how many layers serve Triton picks."""
-    from gptserve.tuning.matmul_configs import MatmulConfig
-
     by_layer: dict[tuple[str, int, int], dict[int, MatmulConfig | None]] = {}
     for gemm in gemms:
         triton = gemm.get("served") == "triton" and gemm.get("triton_config")
@@ -99,7 +97,7 @@ def apply_tuned_configs(net: nn.Module, gemms: list[dict[str, Any]]) -> int:
     serving = 0
     for parent in list(net.modules()):
         for attr, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is Linear:
                 inner, configs = child, {}
             elif isinstance(child, TunedLinear):
                 inner, configs = child.inner, dict(child.configs)

@@ -29,17 +29,15 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from gptserve.config import ModelConfig
 from gptserve.errors import ModelLoadError
-from gptserve.layers.quantized_linear import Int8Linear
+from gptserve.kernels.int8_weights import quantize_per_channel
+from gptserve.loading.checkpoint import Checkpoint
 from gptserve.parallel.sharding import COLUMN, ROW, check_tensor_parallel, shard_hf_tensor, shard_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from gptserve.loading.checkpoint import Checkpoint
 
 FORMAT_VERSION = 1
 SECTION = "gptserve"
@@ -76,13 +74,10 @@ def output_axis(config: ModelConfig, name: str) -> int:
 
 
 def quantize_int8(weight: torch.Tensor, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values, per-output-channel scales in `weight`'s dtype) as `Int8Linear` quantizes at load."""
-    rows = weight if axis == 0 else weight.T
-    linear = nn.Linear(1, 1, bias=False, device="meta")
-    linear.weight = nn.Parameter(rows, requires_grad=False)
-    layer = Int8Linear.from_linear(linear)
-    q = layer.weight if axis == 0 else layer.weight.T.contiguous()
-    return q, layer.scale
+    """(int8 values, per-output-channel scales in `weight`'s dtype) as the int8 layer quantizes at load;
+    `axis` indexes the output channels of the stored layout."""
+    q, scale = quantize_per_channel(weight if axis == 0 else weight.T)
+    return (q if axis == 0 else q.T.contiguous()), scale
 
 
 class StreamingSafetensorsFile:

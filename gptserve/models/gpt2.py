@@ -15,6 +15,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
+from gptserve.layers.embedding import embedding, parallel_lm_head, vocab_parallel_embedding
 from gptserve.layers.fused import (
     add_norm,
     bias_in_epilogue,
@@ -22,9 +23,8 @@ from gptserve.layers.fused import (
     linear_deferring_bias,
     run_blocks,
 )
-from gptserve.models.weights import embedding, load_hf_weights
-from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
-from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
+from gptserve.layers.parallel_linear import column_parallel_linear, divide, row_parallel_linear
+from gptserve.models.weights import load_hf_weights
 
 _CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 

@@ -13,6 +13,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import Activation
 from gptserve.layers.attention import Attention
+from gptserve.layers.embedding import parallel_lm_head, vocab_parallel_embedding
 from gptserve.layers.fused import (
     add_partials_norm,
     bias_in_epilogue,
@@ -20,15 +21,14 @@ from gptserve.layers.fused import (
     linear_deferring_bias,
     run_blocks,
 )
-from gptserve.layers.rotary import Rope, RotaryEmbedding
-from gptserve.models.weights import load_hf_weights
-from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
-from gptserve.parallel.linear import (
+from gptserve.layers.parallel_linear import (
     column_parallel_linear,
     defer_reduction,
     divide,
     row_parallel_linear,
 )
+from gptserve.layers.rotary import Rope, RotaryEmbedding
+from gptserve.models.weights import load_hf_weights
 
 
 class GPTJAttention(nn.Module):

@@ -15,12 +15,12 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.layers.activation import ActAndMul
 from gptserve.layers.attention import Attention
+from gptserve.layers.embedding import parallel_lm_head, vocab_parallel_embedding
 from gptserve.layers.fused import add_norm, run_blocks
 from gptserve.layers.norms import RMSNorm
+from gptserve.layers.parallel_linear import column_parallel_linear, divide, row_parallel_linear
 from gptserve.layers.rotary import Rope, RotaryEmbedding
 from gptserve.models.weights import load_hf_weights
-from gptserve.parallel.embedding import parallel_lm_head, vocab_parallel_embedding
-from gptserve.parallel.linear import column_parallel_linear, divide, row_parallel_linear
 
 
 class LlamaAttention(nn.Module):

@@ -1,51 +1,22 @@
-"""Model parameters come from checkpoints: build modules without random init, fill them by Hugging Face name.
+"""Model parameters come from checkpoints: a model's layers are built uninitialised
+(`gptserve.layers.linear.uninitialized`) and filled here by Hugging Face name.
 
-Model classes mirror the Hugging Face module tree, so a checkpoint tensor lands on the parameter of the same
-name. The exceptions are packed projections that one GEMM computes (q|k|v, gate|up): `packed` maps each
-packed module to its Hugging Face parts and their row counts, in order, e.g.
+Model classes mirror the Hugging Face module tree, so a checkpoint tensor lands on the parameter of the
+same name. The exceptions are packed projections that one GEMM computes (q|k|v, gate|up): `packed` maps
+each packed module to its Hugging Face parts and their row counts, in order, e.g.
 `{"qkv_proj": {"q_proj": 512, "k_proj": 128, "v_proj": 128}}`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
 
 import torch
 from torch import nn
 
 from gptserve.errors import ModelLoadError
 
-M = TypeVar("M", bound=nn.Module)
 Packed = dict[str, dict[str, int]]
-
-
-def uninitialized(module_cls: type[M], *args, **kwargs) -> M:
-    """`module_cls(*args, **kwargs)` on the default device, parameters allocated but not initialised."""
-    device = torch.get_default_device()
-    with torch.device("meta"):
-        module = module_cls(*args, **kwargs)
-    return module.to_empty(device=device)
-
-
-def embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
-    """An uninitialised `nn.Embedding`, built directly: random init on the meta device costs a slow import."""
-    return nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
-
-
-def lm_head(embedding: nn.Embedding, tied: bool, bias: bool = False) -> nn.Linear:
-    """The output projection: an `nn.Linear` of its own, or one sharing the embedding's weight when tied."""
-    vocab, hidden = embedding.weight.shape
-    if not tied:
-        return uninitialized(nn.Linear, hidden, vocab, bias=bias)
-    with torch.device("meta"):  # the weight is replaced at once: allocate nothing
-        head = nn.Linear(hidden, vocab, bias=False)
-    head.weight = embedding.weight
-    if bias:
-        head.bias = nn.Parameter(
-            torch.empty(vocab, dtype=embedding.weight.dtype, device=embedding.weight.device)
-        )
-    return head
 
 
 def load_hf_weights(

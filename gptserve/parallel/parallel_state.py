@@ -1,7 +1,7 @@
 """The tensor-parallel process group of this process: rank, world size, and the collectives the layers use.
 
 A world of one never touches `torch.distributed`: every accessor answers from module state and the parallel
-layers are built as plain `nn.Linear` / `nn.Embedding`. A larger world is one process per rank, joined
+layers are built as a dense `Linear` / `nn.Embedding`. A larger world is one process per rank, joined
 either from `torchrun`'s environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or by
 workers this process spawned on one machine. Tensors move over NCCL on CUDA and gloo on CPU; the step
 messages rank 0 broadcasts (plain Python objects) never occupy a GPU stream, so a worker can wait for the

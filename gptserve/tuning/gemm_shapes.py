@@ -10,9 +10,9 @@ from torch import nn
 
 from gptserve.config import ModelConfig
 from gptserve.engine.cuda_graphs import DEFAULT_BATCH_SIZES, PREFILL_TOKEN_COUNTS
+from gptserve.layers.parallel_linear import RowParallelLinear
 from gptserve.models.registry import model_class
 from gptserve.parallel import parallel_state
-from gptserve.parallel.linear import RowParallelLinear
 
 
 @dataclass(frozen=True)

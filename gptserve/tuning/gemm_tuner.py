@@ -1,4 +1,4 @@
-"""Tune a model's GEMMs on this GPU with PyTorch TunableOp, and load the result when serving.
+"""Tune a model's GEMMs on this GPU with PyTorch TunableOp and the Triton kernels, and write the tuning files.
 
 FasterTransformer's `gpt_gemm` timed every cuBLAS algorithm for each GEMM shape of GPT-J and wrote the
 winners to `gemm_config.in`. Here two searches run for each (rows, n, k) shape the model runs: PyTorch's
@@ -9,16 +9,14 @@ against cuBLAS's default, both captured in CUDA graphs and replayed in turn (GPU
 step's graph sees it, the calls cycling through copies of the weight larger than the L2 cache together,
 so that each call reads its weight from memory as a model's GEMMs do); the fastest serves if it wins by
 `min_gain` (TunableOp's own timing is short and a pick can lose on a second look), else cuBLAS's
-default. Serving with the files loaded (tuning itself off) dispatches each GEMM to
-what won for it, in eager steps and inside CUDA graphs alike. The tuning files sit beside the model:
+default. Serving loads the files (`gptserve.layers.tuning_file`) and dispatches each GEMM to what won
+for it, in eager steps and inside CUDA graphs alike. The tuning files sit beside the model:
 
 - `gptserve-gemm-tuning.csv`: the TunableOp picks that serve, in TunableOp's format (read by
   `torch.cuda.tunable`); not written when none serves;
 - `gptserve-gemm-tuning.json`: what was tuned, on which GPU and software, each GEMM's time with cuBLAS's
   default, with TunableOp's pick and with the best Triton configuration (which it names), what serves
   it, and the step-time estimate those give.
-
-A file tuned on another GPU model or PyTorch version is not loaded (serve logs why).
 """
 
 from __future__ import annotations
@@ -34,13 +32,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gptserve.layers.tuning_file import REPORT_FILE, RESULTS_FILE
 from gptserve.progress import progress_bar
 from gptserve.tuning.gemm_shapes import GemmShape
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "gptserve-gemm-tuning.csv"
-REPORT_FILE = "gptserve-gemm-tuning.json"
 TIMED_REPEATS = 15
 MIN_GAIN = 0.02  # a pick must be this much faster than cuBLAS's default to be kept
 
@@ -69,12 +66,6 @@ class TunedGemm:
         if self.served == "triton" and self.triton_ms is not None:
             return self.triton_ms
         return self.tuned_ms if self.served == "tunableop" else self.default_ms
-
-
-def tuning_dir(model: str | Path) -> Path:
-    """Where a model's tuning file goes: its directory, or the directory of a single-file checkpoint."""
-    path = Path(model)
-    return path if path.is_dir() else path.parent
 
 
 def _captured(fn: Any, calls: int) -> torch.cuda.CUDAGraph:
@@ -213,7 +204,7 @@ def _time_triton_candidates(
     the default's graph) and record the fastest in `result`, in the default's milliseconds of the first
     timing. A configuration this GPU cannot run (too much shared memory) is skipped."""
     from gptserve.kernels.matmul import matmul
-    from gptserve.tuning.matmul_configs import candidate_configs
+    from gptserve.kernels.matmul_configs import candidate_configs
 
     best: tuple[float, dict[str, int]] | None = None
     for config in candidate_configs(result.rows):
@@ -271,61 +262,3 @@ def step_estimates(tuned: list[TunedGemm]) -> dict[str, dict[str, float]]:
         entry["default_ms"] += t.default_ms * t.layers
         entry["tuned_ms"] += t.served_ms * t.layers
     return out
-
-
-def load_tuning(model: str | Path | None, device: torch.device, net: torch.nn.Module | None = None) -> bool:
-    """Serve with the tuning files beside `model`, if there are some for this GPU and PyTorch: TunableOp
-    dispatches from its file, `net`'s layers with Triton picks are wrapped to run them and row counts
-    given to cuBLAS or TunableOp leave any default Triton kernel; logs what it did. Returns whether
-    anything tuned now serves."""
-    if model is None or device.type != "cuda" or str(model).startswith("random:"):
-        return False
-    directory = tuning_dir(model)
-    results, report_path = directory / RESULTS_FILE, directory / REPORT_FILE
-    if not report_path.is_file():
-        return False
-    report = json.loads(report_path.read_text())
-    here = torch.cuda.get_device_name(device)
-    if report.get("device") != here or report.get("torch") != torch.__version__:
-        logger.warning(
-            "GEMM tuning file %s was made on %s with torch %s; this is %s with torch %s: not loaded "
-            "(run `gptserve tune` again)",
-            report_path,
-            report.get("device"),
-            report.get("torch"),
-            here,
-            torch.__version__,
-        )
-        return False
-    gemms = report.get("gemms", [])
-    picks = [g for g in gemms if g.get("served") == "triton" and g.get("triton_config")]
-    wrapped = 0
-    if net is not None:
-        from gptserve.layers.tuned_linear import apply_tuned_configs
-
-        wrapped = apply_tuned_configs(net, gemms)
-    tunableop = results.is_file()
-    if tunableop:
-        from torch.cuda import tunable
-
-        tunable.set_filename(str(results))
-        tunable.enable(True)
-        tunable.tuning_enable(False)
-        tunable.read_file(str(results))
-    if not tunableop and not wrapped:
-        logger.info("GEMM tuning: cuBLAS's default was fastest for every GEMM tuned in %s", directory)
-        return False
-    kept = sum(
-        g.get("served", "tunableop" if g.get("kept", True) else "cublas") == "tunableop" for g in gemms
-    )
-    logger.info(
-        "GEMM tuning: loaded %d tuned GEMMs from %s: %d TunableOp picks, %d Triton configurations "
-        "(%d layers); cuBLAS's default serves the other %d",
-        kept + len(picks),
-        directory,
-        kept,
-        len(picks),
-        wrapped,
-        len(gemms) - kept - len(picks),
-    )
-    return True

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptserve.tuning.matmul_configs import MatmulConfig, candidate_configs, default_gemv_config
+from gptserve.kernels.matmul_configs import MatmulConfig, candidate_configs, default_gemv_config
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
                                            (200, 520, 384, True)])  # fmt: skip
 def test_every_candidate_matches_reference(dtype, rows, n, k, bias):
     from gptserve.kernels.matmul import matmul, matmul_reference
-    from gptserve.tuning.matmul_configs import candidate_configs
+    from gptserve.kernels.matmul_configs import candidate_configs
 
     torch.manual_seed(torch.randint(0, 2**31, ()).item())
     device = torch.device("cuda")
@@ -37,7 +37,7 @@ def test_every_candidate_matches_reference(dtype, rows, n, k, bias):
 
 def test_no_rows():
     from gptserve.kernels.matmul import matmul
-    from gptserve.tuning.matmul_configs import MatmulConfig
+    from gptserve.kernels.matmul_configs import MatmulConfig
 
     device = torch.device("cuda")
     weight = torch.randn(64, 32, device=device).to(torch.float16)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptserve.kernels.matmul_configs import MatmulConfig
+from gptserve.layers.linear import Linear
 from gptserve.layers.tuned_linear import TunedLinear, apply_tuned_configs, use_gemv_for_one_row
 from gptserve.tuning.gemm_tuner import TunedGemm, _choose
-from gptserve.tuning.matmul_configs import MatmulConfig
 
 CONFIG = {"block_m": 16, "block_n": 64, "block_k": 64, "split_k": 4, "num_warps": 4, "num_stages": 4}
 
@@ -18,9 +19,9 @@ CONFIG = {"block_m": 16, "block_n": 64, "block_k": 64, "split_k": 4, "num_warps"
 class _Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc_in = nn.Linear(8, 32)
-        self.fc_out = nn.Linear(32, 8)
-        self.other = nn.Linear(8, 32)  # same shape as fc_in, another name
+        self.fc_in = Linear(8, 32)
+        self.fc_out = Linear(32, 8)
+        self.other = Linear(8, 32)  # same shape as fc_in, another name
 
 
 def test_picks_wrap_the_layers_they_name():
@@ -39,7 +40,7 @@ def test_picks_wrap_the_layers_they_name():
     for block, inner in zip(net, plain):
         assert isinstance(block.fc_in, TunedLinear) and block.fc_in.inner is inner
         assert sorted(block.fc_in.configs) == [4, 16] and block.fc_in.configs[4].split_k == 4
-        assert type(block.fc_out) is nn.Linear and type(block.other) is nn.Linear
+        assert type(block.fc_out) is Linear and type(block.other) is Linear
     # rows that were not picked (and every call off CUDA in these tests) go to the plain layer's GEMM
     layer, inner = net[0].fc_in, plain[0]
     x = torch.randn(3, 5, 8)
@@ -51,9 +52,9 @@ def test_picks_wrap_the_layers_they_name():
 class _Wide(nn.Module):
     def __init__(self, dtype: torch.dtype):
         super().__init__()
-        self.qkv = nn.Linear(256, 768, dtype=dtype)
-        self.fc_out = nn.Linear(1024, 256, bias=False, dtype=dtype)
-        self.odd = nn.Linear(100, 256, dtype=dtype)  # no GEMV tile divides 100 columns
+        self.qkv = Linear(256, 768, dtype=dtype)
+        self.fc_out = Linear(1024, 256, bias=False, dtype=dtype)
+        self.odd = Linear(100, 256, dtype=dtype)  # no GEMV tile divides 100 columns
 
 
 def test_one_row_gemv_wraps_the_half_precision_layers_it_fits():
@@ -63,8 +64,8 @@ def test_one_row_gemv_wraps_the_half_precision_layers_it_fits():
         assert isinstance(block.qkv, TunedLinear) and isinstance(block.fc_out, TunedLinear)
         assert block.qkv.configs == {1: MatmulConfig(1, 4, 256, 1, 4, 3)}
         assert block.fc_out.configs == {1: MatmulConfig(1, 4, 1024, 1, 4, 3)}
-        assert type(block.odd) is nn.Linear
-    assert all(type(layer) is nn.Linear for layer in net[2].children())
+        assert type(block.odd) is Linear
+    assert all(type(layer) is Linear for layer in net[2].children())
     # bias and activation join the product only where the GEMV serves the row count
     assert net[0].qkv.activated(torch.zeros(2, 256, dtype=torch.float16), "gelu") is None
 
@@ -84,7 +85,7 @@ def test_the_report_replaces_or_drops_the_default_gemv():
     assert isinstance(net[0].qkv, TunedLinear) and net[0].qkv.inner is qkv
     assert net[0].qkv.configs == {8: MatmulConfig(**split)}  # cuBLAS serves one row, the pick eight
     assert net[0].fc_out is fc_out  # nothing Triton left: the plain layer again
-    assert type(net[0].odd) is nn.Linear
+    assert type(net[0].odd) is Linear
 
 
 def _gemm(default_ms: float, tuned_ms: float, triton_ms: float | None) -> TunedGemm:

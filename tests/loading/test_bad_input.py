@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptserve.errors import ModelLoadError
-from gptserve.loading.checkpoint import load_checkpoint
+from gptserve.loading.loader import load_checkpoint
 
 from .tiny_models import save_layout, tiny_config, write_gguf
 

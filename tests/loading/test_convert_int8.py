@@ -11,8 +11,8 @@ from safetensors import safe_open
 from gptserve.cli import main
 from gptserve.layers.quantized_linear import Int8Linear
 from gptserve.llm import LLM
-from gptserve.loading.checkpoint import load_checkpoint
 from gptserve.loading.converted_writer import quantize_int8
+from gptserve.loading.loader import load_checkpoint
 from gptserve.sampling_params import SamplingParams
 
 TOKENS = 64

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from gptserve.cli import main
 from gptserve.config import ModelConfig
 from gptserve.llm import LLM
-from gptserve.loading.checkpoint import load_checkpoint
+from gptserve.loading.loader import load_checkpoint
 from gptserve.parallel.sharding import shard_hf_tensor
 from gptserve.sampling_params import SamplingParams
 from tests.conftest import ARCHS, hf_greedy

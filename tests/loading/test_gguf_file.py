@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gptserve.config import ModelConfig
-from gptserve.loading.checkpoint import load_checkpoint
 from gptserve.loading.default_model import default_model_path
+from gptserve.loading.loader import load_checkpoint
 
 from .tiny_models import write_gguf
 

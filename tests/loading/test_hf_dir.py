@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gptserve.config import ModelConfig
-from gptserve.loading.checkpoint import load_checkpoint
 from gptserve.loading.hf_dir import hf_weight_name
+from gptserve.loading.loader import load_checkpoint
 
 from .tiny_models import LAYOUTS, add_bpe_files, expected_weights, tiny_config
 

@@ -10,7 +10,7 @@ import torch
 
 from gptserve.cli import main
 from gptserve.llm import LLM
-from gptserve.loading.checkpoint import load_checkpoint
+from gptserve.loading.loader import load_checkpoint
 from gptserve.sampling_params import SamplingParams
 from tests.conftest import hf_greedy
 

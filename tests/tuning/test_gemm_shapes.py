@@ -9,9 +9,9 @@ import torch
 from gptserve.bench.random_weights import RANDOM_MODELS
 from gptserve.cli import main
 from gptserve.config import ModelConfig
+from gptserve.layers.tuning_file import load_tuning
 from gptserve.parallel import parallel_state
 from gptserve.tuning.gemm_shapes import GemmShape, decode_row_counts, model_gemm_shapes, prefill_row_counts
-from gptserve.tuning.gemm_tuner import load_tuning
 
 GPTJ_6B = ModelConfig.from_hf(RANDOM_MODELS["gptj-6b"])
 
@@ -37,7 +37,7 @@ def test_gptj_6b_shapes_on_one_and_two_ranks():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
 def test_every_architecture_lists_its_projections_and_head(arch, tiny_models):
-    from gptserve.loading.checkpoint import load_checkpoint
+    from gptserve.loading.loader import load_checkpoint
 
     path, hf_model = tiny_models[arch]
     config = ModelConfig.from_hf(load_checkpoint(path).hf_config)

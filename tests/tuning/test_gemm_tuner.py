@@ -14,7 +14,7 @@ import torch
 from gptserve import LLM, SamplingParams
 from gptserve.cli import main
 from gptserve.layers.tuned_linear import TunedLinear
-from gptserve.tuning.gemm_tuner import REPORT_FILE, RESULTS_FILE
+from gptserve.layers.tuning_file import REPORT_FILE, RESULTS_FILE
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +56,7 @@ def test_tune_writes_the_file_and_serve_loads_it(tmp_path, tiny_models, caplog, 
         assert any(line.startswith("Validator,PT_VERSION") for line in lines)
         assert any(line.startswith("Gemm") for line in lines)
 
-    with caplog.at_level(logging.INFO, logger="gptserve.tuning.gemm_tuner"):
+    with caplog.at_level(logging.INFO, logger="gptserve.layers.tuning_file"):
         tuned = LLM(str(model), device="cuda", dtype="fp16")
     assert f"GEMM tuning: loaded {len(report['gemms'])} tuned GEMMs" in caplog.text
     if report["served"]["tunableop"]:
@@ -80,7 +80,7 @@ def test_tune_keeps_only_winning_picks(tmp_path, tiny_models, caplog, tunable_of
         assert g["served"] == ("cublas" if not wins else "triton" if best == g["triton_ms"] else "tunableop")
     assert report["kept"] == sum(g["served"] == "tunableop" for g in report["gemms"])
     assert (model / RESULTS_FILE).is_file() == (report["kept"] > 0)
-    with caplog.at_level(logging.INFO, logger="gptserve.tuning.gemm_tuner"):
+    with caplog.at_level(logging.INFO, logger="gptserve.layers.tuning_file"):
         LLM(str(model), device="cuda", dtype="fp16")
     served = report["served"]["tunableop"] + report["served"]["triton"]
     if served:

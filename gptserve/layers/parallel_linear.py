@@ -7,7 +7,7 @@ after the sum. So each transformer block costs two all-reduces (attention output
 blocks with a parallel residual (GPT-J, GPT-NeoX): x + attn(..) + mlp(..) sums the two partial outputs
 first and reduces once (`defer_reduction`), which halves the block's communication.
 
-Both are built by functions that take the full sizes and return a plain `nn.Linear` in a world of one,
+Both are built by functions that take the full sizes and return a dense `Linear` in a world of one,
 so single-rank models are exactly what they were. Weight-only quantization swaps the GEMM of a
 row-parallel layer and keeps the reduction around it (`RowParallelLinear.wrap_quantized`).
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptserve.models.weights import uninitialized
+from gptserve.layers.linear import Linear, LinearLayer, uninitialized
 from gptserve.parallel import parallel_state
 
 
@@ -30,28 +30,28 @@ def divide(size: int, what: str = "size") -> int:
     return size // world
 
 
-def column_parallel_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+def column_parallel_linear(in_features: int, out_features: int, bias: bool = True) -> Linear:
     """This rank's [out_features / world, in_features] slice of a linear layer, output left split."""
-    return uninitialized(nn.Linear, in_features, divide(out_features, "output features"), bias=bias)
+    return uninitialized(Linear, in_features, divide(out_features, "output features"), bias=bias)
 
 
-def row_parallel_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+def row_parallel_linear(in_features: int, out_features: int, bias: bool = True) -> Linear:
     """This rank's [out_features, in_features / world] slice of a linear layer, its output summed over the
-    ranks (a plain `nn.Linear` in a world of one)."""
+    ranks (a dense `Linear` in a world of one)."""
     local_in = divide(in_features, "input features")
-    cls = nn.Linear if parallel_state.world_size() == 1 else RowParallelLinear
+    cls = Linear if parallel_state.world_size() == 1 else RowParallelLinear
     return uninitialized(cls, local_in, out_features, bias=bias)
 
 
 def defer_reduction(*layers: nn.Module) -> None:
     """Make row-parallel `layers` return this rank's partial product (the bias on rank 0 only), for a
-    caller that sums them with others and reduces once. No-op for plain layers (a world of one)."""
+    caller that sums them with others and reduces once. No-op for dense layers (a world of one)."""
     for layer in layers:
         if isinstance(layer, RowParallelLinear | ReducedLinear):
             layer.reduce = False
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """y = all_reduce(x_r @ W_r^T) + b: the partial products summed over the ranks, the bias added once.
     With `reduce` off, the partial product alone (rank 0 adds the bias): the caller reduces."""
 
@@ -63,20 +63,24 @@ class RowParallelLinear(nn.Linear):
         y = parallel_state.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
-    def wrap_quantized(self, quantized: nn.Module) -> nn.Module:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return parallel_state.all_reduce(y) if self.reduce else y
+
+    def wrap_quantized(self, quantized: LinearLayer) -> ReducedLinear:
         """Keep this layer's reduction around `quantized`, its weight-only form (which carries the bias)."""
         wrapped = ReducedLinear(quantized)
         wrapped.reduce = self.reduce
         return wrapped
 
 
-class ReducedLinear(nn.Module):
+class ReducedLinear(LinearLayer):
     """A quantized row-parallel GEMM: all_reduce(inner(x)) + bias, the bias taken out of `inner`; with
     `reduce` off, inner(x) (+ bias on rank 0) for the caller to reduce."""
 
     reduce = True
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: LinearLayer):
         super().__init__()
         self.bias = inner.bias
         inner.bias = None
@@ -88,3 +92,7 @@ class ReducedLinear(nn.Module):
             return y if self.bias is None or parallel_state.rank() != 0 else y + self.bias
         y = parallel_state.all_reduce(self.inner(x))
         return y if self.bias is None else y + self.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)  # the bias was taken out of `inner`
+        return parallel_state.all_reduce(y) if self.reduce else y

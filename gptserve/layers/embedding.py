@@ -1,11 +1,14 @@
-"""Vocab-parallel embedding and output head: each rank holds a contiguous block of vocabulary rows.
+"""Token embeddings and the output head, vocab-parallel where there are several ranks: each rank then holds a
+contiguous block of vocabulary rows.
 
 The vocabulary is padded to a multiple of the world size (`sharding.padded_vocab_size`), so every rank
 holds the same number of rows. The embedding looks up the ids in its block, zeroes the rest and sums
 the ranks' rows with one all-reduce. The head computes the logits of its block and all-gathers them, so
 every rank holds the full [tokens, vocab] logits and the padding columns are dropped.
 
-In a world of one both are the plain `nn.Embedding` / `nn.Linear` the models used before.
+In a world of one they are an `nn.Embedding` and a dense `Linear`. A vocab-parallel head is no
+`LinearLayer`: its bias is split with the vocabulary and gathered with the logits, and nothing fuses
+after it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptserve.models.weights import embedding, lm_head, uninitialized
+from gptserve.layers.linear import Linear, uninitialized
 from gptserve.parallel import parallel_state
 from gptserve.parallel.sharding import padded_vocab_size
+
+
+def embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
+    """An uninitialised `nn.Embedding`, built directly: random init on the meta device costs a slow import."""
+    return nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
+
+
+def lm_head(emb: nn.Embedding, tied: bool, bias: bool = False) -> Linear:
+    """The output projection: a `Linear` of its own, or one sharing the embedding's weight when tied."""
+    vocab, hidden = emb.weight.shape
+    if not tied:
+        return uninitialized(Linear, hidden, vocab, bias=bias)
+    with torch.device("meta"):  # the weight is replaced at once: allocate nothing
+        head = Linear(hidden, vocab, bias=False)
+    head.weight = emb.weight
+    if bias:
+        head.bias = nn.Parameter(torch.empty(vocab, dtype=emb.weight.dtype, device=emb.weight.device))
+    return head
 
 
 def vocab_parallel_embedding(vocab_size: int, hidden_size: int) -> nn.Module:

@@ -1,6 +1,6 @@
-"""Launch configurations of the Triton matrix product (`gptserve.kernels.matmul`) that `gptserve tune`
-times for each GEMM, and the one a tuning report names. Kept apart from the kernel so that reading a
-report needs no Triton."""
+"""Launch configurations of the Triton matrix products (`gptserve.kernels.matmul`, `gemv`, `int8_matmul`):
+the candidates `gptserve tune` times for each GEMM, the one-row GEMV's default tile, and the one a tuning
+report names. Plain Python, kept apart from the kernels so that reading a report needs no Triton."""
 
 from __future__ import annotations
 
