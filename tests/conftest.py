@@ -1,60 +1,16 @@
-"""Shared fixtures: tiny random checkpoints of each architecture and a Hugging Face reference runner."""
+"""Shared fixtures: tiny random checkpoints (each architecture, and a GPT-J over the GPT-2 vocabulary),
+built once per session, and a Hugging Face reference runner. The config table, `build_tiny_model` and
+`free_port` live in `tests/helpers.py`."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-TINY_CONFIGS = {
-    "llama": dict(
-        model_type="llama",
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    ),
-    "gptj": dict(
-        model_type="gptj", vocab_size=512, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256
-    ),
-    "gpt_neox": dict(
-        model_type="gpt_neox",
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        rotary_pct=0.5,
-        max_position_embeddings=256,
-        use_parallel_residual=True,
-    ),
-    "gpt2": dict(model_type="gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256),
-}
-ARCHS = list(TINY_CONFIGS)
-
-
-def build_tiny_model(arch: str, path: Path, seed: int = 0, **overrides) -> torch.nn.Module:
-    """Save a tiny random Hugging Face model of `arch` to `path` and return it (fp32, eval)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = dict(TINY_CONFIGS[arch])
-    model_type = kwargs.pop("model_type")
-    kwargs.update(overrides)
-    # Larger init than the default keeps next-token distributions peaked, so greedy choices are not
-    # decided by rounding noise.
-    kwargs.setdefault("initializer_range", 0.2)
-    config = AutoConfig.for_model(model_type, bos_token_id=None, eos_token_id=None, **kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(path)
-    return model
+from tests.helpers import ARCHS, GPTJ_VOCAB, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +21,24 @@ def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
         path = tmp_path_factory.mktemp(f"tiny-{arch}")
         out[arch] = (path, build_tiny_model(arch, path))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gptj(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """(directory, HF model) of a tiny random GPT-J over GPT-J-6B's 50400-row vocabulary with 4096
+    positions and no tokenizer files, built once per session. Read-only: copy it to change it."""
+    path = tmp_path_factory.mktemp("tiny-gptj-vocab50400")
+    return path, build_tiny_model("gptj", path, vocab_size=GPTJ_VOCAB, n_positions=4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptj_tokenized(tiny_gptj, tmp_path_factory) -> Path:
+    """The `tiny_gptj` checkpoint with the GPT-2 tokenizer saved beside it (a copy, so `tiny_gptj` stays
+    without one: a tokenizer adds its EOS to the engine's). Read-only."""
+    path = tmp_path_factory.mktemp("tiny-gptj-gpt2-tokenizer")
+    shutil.copytree(tiny_gptj[0], path, dirs_exist_ok=True)
+    gpt2_tokenizer().save_pretrained(path)
+    return path
 
 
 def hf_greedy(

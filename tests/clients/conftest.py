@@ -24,9 +24,9 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tmp_path_factory) -> Iterator[ServerProcess]:
+def tiny_server(tiny_gptj_tokenized, tmp_path_factory) -> Iterator[ServerProcess]:
     path = tmp_path_factory.mktemp("tiny-gptj-clients")
-    proc = start_tiny_gptj_server(path, MODEL, MAX_LEN, CHAT_TEMPLATE)
+    proc = start_tiny_gptj_server(tiny_gptj_tokenized, path, MODEL, MAX_LEN, CHAT_TEMPLATE)
     try:
         yield proc
     finally:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import pytest
 
 from gptserve.cli import main
-from tests.conftest import build_tiny_model
 from tests.server.conftest import ServerProcess, free_port, start_server
 from tests.triton.ft_repository import write_gptj_repository
 
@@ -18,9 +17,8 @@ PROMPTS = ["Blackhawks\n The 2015 Hilltoppers", "Hello"]
 
 
 @pytest.fixture(scope="module")
-def ft_server(tmp_path_factory) -> Iterator[tuple[ServerProcess, str]]:
-    checkpoint = tmp_path_factory.mktemp("tiny-gptj-ft-client")
-    build_tiny_model("gptj", checkpoint, vocab_size=50400, n_positions=1024)
+def ft_server(tiny_gptj, tmp_path_factory) -> Iterator[tuple[ServerProcess, str]]:
+    checkpoint, _ = tiny_gptj
     repository = write_gptj_repository(tmp_path_factory.mktemp("gptj-repository-client"), checkpoint)
     grpc_port = free_port()
     proc = start_server(

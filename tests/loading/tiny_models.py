@@ -10,37 +10,20 @@ import gguf
 import numpy as np
 import torch
 
-ARCHITECTURES = ("llama", "gptj", "gpt_neox", "gpt2")
+from tests.helpers import ARCHS, tiny_hf_config
+
+ARCHITECTURES = tuple(ARCHS)
 LAYOUTS = ("safetensors", "sharded_safetensors", "bin", "sharded_bin")
+
+# The loader tests' shapes, over the shared table: a 96-token vocabulary holding BOS 0 and EOS 1, 128
+# positions, a Llama MLP 112 wide (not a power of two) and a NeoX rotating a quarter of each head.
+LOADER_SHAPES = dict(vocab_size=96, max_positions=128, bos_token_id=0, eos_token_id=1)
+LOADER_ARCH_SHAPES = {"llama": dict(intermediate_size=112), "gpt_neox": dict(rotary_pct=0.25)}
 
 
 def tiny_config(model_type: str):
     """A two-layer, 64-wide config of each architecture (token ids kept inside the tiny vocabulary)."""
-    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
-
-    ids = dict(bos_token_id=0, eos_token_id=1, vocab_size=96)
-    if model_type == "llama":
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=112,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **ids,
-        )
-    if model_type == "gptj":
-        return GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, **ids)
-    if model_type == "gpt_neox":
-        return GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            **ids,
-        )
-    return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **ids)
+    return tiny_hf_config(model_type, **LOADER_SHAPES, **LOADER_ARCH_SHAPES.get(model_type, {}))
 
 
 def expected_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,32 +10,14 @@ from torch import nn
 
 from gptserve.config import ModelConfig
 from gptserve.models.registry import model_class
+from tests.helpers import tiny_hf_config
 
-BASE_CONFIGS = {
-    "llama": dict(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    ),
-    "gptj": dict(
-        model_type="gptj", vocab_size=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128
-    ),
-    "gpt_neox": dict(
-        model_type="gpt_neox",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        rotary_pct=0.25,
-        max_position_embeddings=128,
-    ),
-    "gpt2": dict(model_type="gpt2", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+# The model tests' shapes, over the shared table: a 256-token vocabulary, 128 positions, MLPs 96 wide
+# (1.5x the hidden size) and a NeoX rotating a quarter of each head.
+MODEL_SHAPES = dict(vocab_size=256, max_positions=128)
+MODEL_ARCH_SHAPES = {
+    "llama": dict(intermediate_size=96),
+    "gpt_neox": dict(intermediate_size=96, rotary_pct=0.25),
 }
 
 
@@ -54,10 +36,9 @@ def randomize_(model: nn.Module, seed: int = 0) -> None:
 
 def hf_model(arch: str, **overrides) -> tuple[nn.Module, dict]:
     """A tiny random fp32 Hugging Face model in eval mode and its config.json dictionary."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {**BASE_CONFIGS[arch], **overrides}
-    config = AutoConfig.for_model(kwargs.pop("model_type"), bos_token_id=None, eos_token_id=None, **kwargs)
+    config = tiny_hf_config(arch, **{**MODEL_SHAPES, **MODEL_ARCH_SHAPES.get(arch, {}), **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     randomize_(model)
     return model, config.to_dict()

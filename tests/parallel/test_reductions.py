@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from gptserve.config import ModelConfig
 from gptserve.models.registry import model_class
 from gptserve.parallel import parallel_state
-from tests.conftest import TINY_CONFIGS
+from tests.helpers import TINY_CONFIGS
 
 PER_BLOCK = {"llama": 2, "gpt2": 2, "gptj": 1, "gpt_neox": 1}
 

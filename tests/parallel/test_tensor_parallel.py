@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from gptserve.llm import LLM
 from gptserve.outputs import CompletionOutput
 from gptserve.sampling_params import SamplingParams
 from tests.conftest import ARCHS, process_running, random_prompts
+from tests.helpers import free_port
 from tests.parallel.conftest import ODD_VOCAB
 
 ENGINE = dict(device="cpu", dtype="fp32", num_kv_blocks=64, max_model_len=128, block_size=8)
@@ -117,7 +117,7 @@ def test_torchrun_world(odd_vocab_models, tmp_path):
         llm.close()
         """)
     )
-    port = str(_free_port())
+    port = str(free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
     proc = subprocess.run(
         [*cmd, str(script), str(odd_vocab_models["gpt2"])],
@@ -129,12 +129,6 @@ def test_torchrun_world(odd_vocab_models, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("TOKENS") == 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_worker_leaves_when_rank0_is_killed(odd_vocab_models):

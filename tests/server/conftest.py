@@ -2,14 +2,14 @@
 
 The server runs the embedded SmolLM2-135M-Instruct in fp32 with a 2048-token context. One server is
 shared by the whole session; tests that need other flags start their own with `start_server`, or with
-`start_tiny_gptj_server` over a tiny random GPT-J with the GPT-2 tokenizer.
+`start_tiny_gptj_server` over the session's tiny random GPT-J with the GPT-2 tokenizer
+(`tiny_gptj_tokenized`).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +21,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import build_tiny_model, gpt2_tokenizer
+from tests.helpers import free_port
 
 STARTUP_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -73,18 +67,17 @@ def start_server(*extra: str, env: dict[str, str] | None = None) -> ServerProces
 
 
 def start_tiny_gptj_server(
-    path: Path, model: str, max_len: int, chat_template: str, *extra: str
+    checkpoint: Path, path: Path, model: str, max_len: int, chat_template: str, *extra: str
 ) -> ServerProcess:
-    """Write a tiny random GPT-J with the GPT-2 vocabulary and tokenizer to `path` and serve it as `model`
-    with `chat_template`, over HTTP and gRPC (`grpc_url`); `extra` are more `gptserve serve` flags.
-    The text it generates is noise; what matters is that every protocol gets the same tokens."""
-    build_tiny_model("gptj", path, vocab_size=50400, n_positions=max_len)
-    gpt2_tokenizer().save_pretrained(path)
+    """Serve `checkpoint` (the `tiny_gptj_tokenized` fixture: a tiny random GPT-J with the GPT-2 vocabulary
+    and tokenizer) as `model` with `chat_template` (written under `path`), over HTTP and gRPC (`grpc_url`);
+    `extra` are more `gptserve serve` flags. The text it generates is noise; what matters is that every
+    protocol gets the same tokens."""
     template = path / "chat_template.jinja"
     template.write_text(chat_template)
     grpc_port = free_port()
     proc = start_server(
-        str(path), "--served-model-name", model, "--max-model-len", str(max_len),
+        str(checkpoint), "--served-model-name", model, "--max-model-len", str(max_len),
         "--chat-template", str(template), "--grpc-port", str(grpc_port), *extra,
     )  # fmt: skip
     proc.grpc_url = f"127.0.0.1:{grpc_port}"

@@ -12,15 +12,13 @@ import pytest
 
 from gptserve import LLM
 from gptserve.server import ServerConfig, build_app
-from tests.conftest import build_tiny_model
 
 BODY = {"prompt": [5, 17, 42, 7], "max_tokens": 2, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
-    path = tmp_path_factory.mktemp("tiny-llama-app")
-    build_tiny_model("llama", path)
+def llm(tiny_models) -> LLM:
+    path, _ = tiny_models["llama"]
     return LLM(str(path), dtype="fp32", device="cpu", max_model_len=128, num_kv_blocks=64, block_size=8)
 
 

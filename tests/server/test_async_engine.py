@@ -11,15 +11,13 @@ import pytest
 from gptserve import LLM, SamplingParams
 from gptserve.errors import InvalidRequestError
 from gptserve.server.async_engine import AsyncEngine, EngineDeadError
-from tests.conftest import build_tiny_model
 
 PROMPT = [5, 17, 42, 7, 99, 3]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
-    path = tmp_path_factory.mktemp("tiny-llama-async")
-    build_tiny_model("llama", path)
+def llm(tiny_models) -> LLM:
+    path, _ = tiny_models["llama"]
     return LLM(str(path), dtype="fp32", device="cpu", max_model_len=128, num_kv_blocks=64, block_size=8)
 
 

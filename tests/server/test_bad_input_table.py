@@ -45,10 +45,10 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> Iterator[Servers]:
+def servers(tiny_gptj_tokenized, tmp_path_factory) -> Iterator[Servers]:
     path = tmp_path_factory.mktemp("tiny-gptj-bad-input")
     proc = start_tiny_gptj_server(
-        path, MODEL, MAX_LEN, TEMPLATE, "--max-request-bytes", str(MAX_REQUEST_BYTES)
+        tiny_gptj_tokenized, path, MODEL, MAX_LEN, TEMPLATE, "--max-request-bytes", str(MAX_REQUEST_BYTES)
     )
     grpc_url = proc.grpc_url
     try:

@@ -37,9 +37,9 @@ OPENAI_PATHS = ["/v1/models", "/v1/completions", "/v1/chat/completions", "/token
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(tmp_path_factory) -> Iterator[ServerProcess]:
+def fuzzed_server(tiny_gptj_tokenized, tmp_path_factory) -> Iterator[ServerProcess]:
     path = tmp_path_factory.mktemp("tiny-gptj-fuzz")
-    proc = start_tiny_gptj_server(path, MODEL, MAX_LEN, TEMPLATE, "--api-key", API_KEY)
+    proc = start_tiny_gptj_server(tiny_gptj_tokenized, path, MODEL, MAX_LEN, TEMPLATE, "--api-key", API_KEY)
     try:
         yield proc
     finally:

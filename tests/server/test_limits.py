@@ -20,7 +20,6 @@ from tritonclient.utils import InferenceServerException
 
 from gptserve import LLM
 from gptserve.server import ServerConfig, build_app
-from tests.conftest import build_tiny_model
 from tests.server.conftest import free_port
 
 BODY = {"prompt": [5, 17, 42, 7], "max_tokens": 2, "temperature": 0}
@@ -37,9 +36,8 @@ ABORTED_WITHIN = 3.0  # seconds: far less than the slowed request would take to 
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
-    path = tmp_path_factory.mktemp("tiny-llama-limits")
-    build_tiny_model("llama", path)
+def llm(tiny_models) -> LLM:
+    path, _ = tiny_models["llama"]
     return LLM(str(path), dtype="fp32", device="cpu", max_model_len=128, num_kv_blocks=64, block_size=8)
 
 

@@ -16,7 +16,6 @@ from tritonclient.grpc import InferInput
 
 from gptserve import LLM
 from gptserve.server import ServerConfig, build_app
-from tests.conftest import build_tiny_model
 from tests.server.conftest import free_port
 
 BODY = {"prompt": [5, 17, 42, 7], "max_tokens": 3, "temperature": 0}
@@ -27,9 +26,8 @@ LINE = re.compile(
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
-    path = tmp_path_factory.mktemp("tiny-llama-request-log")
-    build_tiny_model("llama", path)
+def llm(tiny_models) -> LLM:
+    path, _ = tiny_models["llama"]
     return LLM(str(path), dtype="fp32", device="cpu", max_model_len=128, num_kv_blocks=64, block_size=8)
 
 

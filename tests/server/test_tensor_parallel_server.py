@@ -23,10 +23,9 @@ def _spawned_children(pid: int) -> list[int]:
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def test_two_ranks_serve_what_one_generates(tmp_path: Path):
-    server = start_tiny_gptj_server(
-        tmp_path, "tiny-tp", 256, TEMPLATE, "--device", "cpu", "--tensor-parallel-size", "2"
-    )
+def test_two_ranks_serve_what_one_generates(tmp_path: Path, tiny_gptj_tokenized: Path):
+    tp = ("--device", "cpu", "--tensor-parallel-size", "2")
+    server = start_tiny_gptj_server(tiny_gptj_tokenized, tmp_path, "tiny-tp", 256, TEMPLATE, *tp)
     try:
         workers = _spawned_children(server.process.pid)
         assert workers, "the server spawned no tensor-parallel worker"
@@ -38,7 +37,7 @@ def test_two_ranks_serve_what_one_generates(tmp_path: Path):
         ]
     finally:
         assert server.stop() == 0
-    one_rank = LLM(str(tmp_path), device="cpu", dtype="fp32", max_model_len=256)
+    one_rank = LLM(str(tiny_gptj_tokenized), device="cpu", dtype="fp32", max_model_len=256)
     greedy = SamplingParams(max_tokens=12, temperature=0)
     assert got == [o.outputs[0].text for o in one_rank.generate(prompts, greedy)]
     assert not any(process_running(p) for p in workers)

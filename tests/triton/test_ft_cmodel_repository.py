@@ -15,7 +15,7 @@ from gptserve.engine.tp_launcher import shutdown_world
 from gptserve.parallel import parallel_state
 from gptserve.triton.registry import ModelRegistry
 from gptserve.triton.types import InferRequest
-from tests.conftest import build_tiny_model, hf_greedy, random_prompts
+from tests.conftest import hf_greedy, random_prompts
 from tests.loading.checkpoint_writers import write_ft_cmodel
 from tests.triton.ft_repository import write_gptj_repository
 
@@ -23,9 +23,9 @@ END_ID = 50256
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_gptj, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft-cmodel")
-    hf = build_tiny_model("gptj", root / "hf", vocab_size=50400)
+    _, hf = tiny_gptj
     cmodel = write_ft_cmodel(hf, root / "c-model" / "2-gpu", tensor_parallel=2)
     repository = write_gptj_repository(root / "models", cmodel, tensor_para_size=2)
     options = EngineOptions(device="cpu", dtype="fp32", num_kv_blocks=64, max_model_len=128)

@@ -30,7 +30,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from tests.conftest import build_tiny_model, gpt2_tokenizer, hf_greedy
+from tests.conftest import gpt2_tokenizer, hf_greedy
 from tests.server.conftest import ServerProcess, free_port, start_server
 from tests.triton.ft_repository import fastertransformer_config, write_gptj_repository
 
@@ -75,9 +75,8 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[Served]:
-    checkpoint = tmp_path_factory.mktemp("tiny-gptj-ft")
-    hf = build_tiny_model("gptj", checkpoint, vocab_size=50400, n_positions=MAX_LEN)
+def served(tiny_gptj, tmp_path_factory) -> Iterator[Served]:
+    checkpoint, hf = tiny_gptj
     repository = write_gptj_repository(tmp_path_factory.mktemp("gptj-repository"), checkpoint)
     decoupled = fastertransformer_config(str(checkpoint), decoupled=True)
     (repository / DECOUPLED / "1").mkdir(parents=True)

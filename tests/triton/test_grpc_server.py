@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import queue
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,17 +33,12 @@ from gptserve.server.metrics import ServerMetrics
 from gptserve.triton.grpc_server import start_grpc_server
 from gptserve.triton.registry import ModelRegistry
 from tests.conftest import build_tiny_model, hf_greedy
+from tests.helpers import free_port
 
 API_KEY = "s3cret"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 PROMPTS = [[5, 17, 42, 7, 99, 3], [11, 2, 300]]
 LONG = 900  # tokens: far more than a test waits for, so only an abort ends the request early
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoopThread:

@@ -22,7 +22,6 @@ from gptserve.server.async_engine import AsyncEngine
 from gptserve.triton.http_codec import HEADER_LENGTH
 from gptserve.triton.llm_model import LLMModel, served_config
 from gptserve.triton.types import TritonError, TritonModel, not_found
-from tests.conftest import build_tiny_model, gpt2_tokenizer
 from tests.triton.test_http_codec import client_body, client_input
 
 PROMPT = [464, 3290, 318, 257]  # "The quick is a" in GPT-2 ids
@@ -75,10 +74,8 @@ class Registry:
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
-    path = tmp_path_factory.mktemp("tiny-gptj-triton-http")
-    build_tiny_model("gptj", path, vocab_size=50400)
-    gpt2_tokenizer().save_pretrained(path)
+def llm(tiny_gptj_tokenized) -> LLM:
+    path = tiny_gptj_tokenized
     return LLM(str(path), dtype="fp32", device="cpu", max_model_len=128, num_kv_blocks=64, block_size=8)
 
 

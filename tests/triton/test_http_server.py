@@ -16,7 +16,6 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import build_tiny_model, gpt2_tokenizer
 from tests.server.conftest import ServerProcess, start_server
 
 API_KEY = "triton-http-key"
@@ -33,10 +32,8 @@ MAX_LEN = 4096
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    path = tmp_path_factory.mktemp("tiny-gptj-triton-server")
-    build_tiny_model("gptj", path, vocab_size=50400, n_positions=MAX_LEN)
-    gpt2_tokenizer().save_pretrained(path)
+def server(tiny_gptj_tokenized) -> Iterator[ServerProcess]:
+    path = tiny_gptj_tokenized
     proc = start_server(
         str(path), "--served-model-name", MODEL, "--max-model-len", str(MAX_LEN), "--api-key", API_KEY
     )

@@ -23,11 +23,11 @@ VOCAB = 50400
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_gptj, tmp_path_factory):
     """(registry, HF model, GPT-2 tokenizer, event loop) with the registry started on the loop."""
     root = tmp_path_factory.mktemp("ft-gptj")
-    hf = build_tiny_model("gptj", root / "checkpoint", vocab_size=VOCAB)
-    repository = write_gptj_repository(root / "models", root / "checkpoint")
+    checkpoint, hf = tiny_gptj
+    repository = write_gptj_repository(root / "models", checkpoint)
     options = EngineOptions(device="cpu", dtype="fp32", num_kv_blocks=64, max_model_len=128)
     registry = ModelRegistry([repository], options)
     registry.load_all()

@@ -16,7 +16,6 @@ from gptserve.engine.engine_options import EngineOptions
 from gptserve.triton import repository as repo
 from gptserve.triton.registry import ModelRegistry
 from gptserve.triton.types import InferRequest, TritonError
-from tests.conftest import build_tiny_model
 from tests.triton.ft_repository import (
     POSTPROCESSING,
     PREPROCESSING,
@@ -44,9 +43,8 @@ def with_vocab(directory: Path, version: str = "1") -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gptj")
-    build_tiny_model("gptj", path)
+def checkpoint(tiny_models) -> Path:
+    path, _ = tiny_models["gptj"]
     return path
 
 
