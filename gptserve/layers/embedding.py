@@ -13,6 +13,8 @@ after it.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,23 +23,12 @@ from gptserve.layers.linear import Linear, uninitialized
 from gptserve.parallel import parallel_state
 from gptserve.parallel.sharding import padded_vocab_size
 
+L = TypeVar("L", bound=nn.Linear)
+
 
 def embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
     """An uninitialised `nn.Embedding`, built directly: random init on the meta device costs a slow import."""
     return nn.Embedding(vocab_size, hidden_size, _weight=torch.empty(vocab_size, hidden_size))
-
-
-def lm_head(emb: nn.Embedding, tied: bool, bias: bool = False) -> Linear:
-    """The output projection: a `Linear` of its own, or one sharing the embedding's weight when tied."""
-    vocab, hidden = emb.weight.shape
-    if not tied:
-        return uninitialized(Linear, hidden, vocab, bias=bias)
-    with torch.device("meta"):  # the weight is replaced at once: allocate nothing
-        head = Linear(hidden, vocab, bias=False)
-    head.weight = emb.weight
-    if bias:
-        head.bias = nn.Parameter(torch.empty(vocab, dtype=emb.weight.dtype, device=emb.weight.device))
-    return head
 
 
 def vocab_parallel_embedding(vocab_size: int, hidden_size: int) -> nn.Module:
@@ -49,19 +40,25 @@ def vocab_parallel_embedding(vocab_size: int, hidden_size: int) -> nn.Module:
 
 
 def parallel_lm_head(emb: nn.Module, vocab_size: int, tied: bool, bias: bool = False) -> nn.Module:
-    """The output projection over `emb`'s vocabulary block; it shares `emb`'s weight when `tied`."""
+    """The output projection over `emb`'s vocabulary block (a dense `Linear` in a world of one); it
+    shares `emb`'s weight when `tied`."""
     if parallel_state.world_size() == 1:
-        return lm_head(emb, tied, bias)
-    local, hidden = emb.weight.shape
-    if tied:
-        with torch.device("meta"):  # the weight is replaced at once: allocate nothing
-            head = ParallelLMHead(hidden, local, bias=False)
-        head.weight = emb.weight
-        if bias:
-            head.bias = nn.Parameter(torch.empty(local, dtype=emb.weight.dtype, device=emb.weight.device))
-    else:
-        head = uninitialized(ParallelLMHead, hidden, local, bias=bias)
+        return _head(Linear, emb, tied, bias)
+    head = _head(ParallelLMHead, emb, tied, bias)
     head.vocab_size = vocab_size
+    return head
+
+
+def _head(cls: type[L], emb: nn.Module, tied: bool, bias: bool) -> L:
+    """A `cls` over `emb`'s rows: with a weight of its own, or sharing the embedding's weight when tied."""
+    rows, hidden = emb.weight.shape
+    if not tied:
+        return uninitialized(cls, hidden, rows, bias=bias)
+    with torch.device("meta"):  # the weight is replaced at once: allocate nothing
+        head = cls(hidden, rows, bias=False)
+    head.weight = emb.weight
+    if bias:
+        head.bias = nn.Parameter(torch.empty(rows, dtype=emb.weight.dtype, device=emb.weight.device))
     return head
 
 
