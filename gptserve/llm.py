@@ -80,6 +80,6 @@ class LLM:
                             bar.update(1)
         except BaseException:
             for request_id in ids:
-                self.engine.abort_request(request_id)
+                self.engine.forget_request(request_id)
             raise
         return [results[i] for i in ids]

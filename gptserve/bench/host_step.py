@@ -28,14 +28,14 @@ def host_ms_per_step(llm: LLM, prompts: list[list[int]], output_len: int) -> flo
     real_run = engine.runner.run
     engine.runner.run = lambda step, input_ids=None: torch.zeros(len(step.logits_rows), vocab)
     try:
-        before = engine.num_steps
+        before = engine.core.num_steps
         start = time.perf_counter()
         llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
     finally:
         engine.runner.run = real_run
-        engine.kv.reset_prefix_cache()
-    return elapsed / max(engine.num_steps - before, 1) * 1e3
+        engine.core.kv.reset_prefix_cache()
+    return elapsed / max(engine.core.num_steps - before, 1) * 1e3
 
 
 def main() -> None:

@@ -132,7 +132,7 @@ def profiled(device: torch.device) -> Iterator[KernelTimes]:
 def profile_engine_steps(engine: Any, work: Callable[[], object]) -> KernelTimes:
     """Profile `work` (something that drives `engine`, an `LLMEngine`), counting the engine steps it ran."""
     with profiled(engine.config.device) as times:
-        before = engine.num_steps
+        before = engine.core.num_steps
         work()
-        times.steps = engine.num_steps - before
+        times.steps = engine.core.num_steps - before
     return times

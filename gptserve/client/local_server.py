@@ -34,8 +34,8 @@ class LocalServer:
     def __enter__(self) -> LocalServer:
         import uvicorn
 
+        from gptserve.app import ServerConfig, build_app
         from gptserve.engine.builder import build_engine
-        from gptserve.server.app import ServerConfig, build_app
 
         engine = build_engine(self.model, self.options)
         app = build_app(engine, ServerConfig(chat_template=self.chat_template, model_path=self.model))

@@ -69,7 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _banner(engine, names: list[str], args: argparse.Namespace, template_source: str, registry) -> str:
     cfg = engine.config
-    tokens = engine.kv.num_blocks * engine.kv.block_size
+    kv = engine.core.kv
+    tokens = kv.num_blocks * kv.block_size
     kv_bytes = cfg.cache.kv_cache_memory or 0
     base = f"http://{args.host}:{args.http_port}"
     metrics = f"{base}/metrics" + (
@@ -82,7 +83,7 @@ def _banner(engine, names: list[str], args: argparse.Namespace, template_source:
         f"  architecture   {engine.model_config.architecture}",
         f"  dtype, device  {str(cfg.dtype).removeprefix('torch.')}, {cfg.device}",
         f"  context        max_model_len {engine.max_model_len} tokens",
-        f"  KV cache       {tokens:,} tokens in {engine.kv.num_blocks} blocks of {engine.kv.block_size} "
+        f"  KV cache       {tokens:,} tokens in {kv.num_blocks} blocks of {kv.block_size} "
         f"({kv_bytes:,} bytes, {kv_bytes / GiB:.2f} GiB)",
         f"  chat template  {template_source}",
         f"  OpenAI API     {base}/v1  (API key {'required' if args.api_key else 'not required'})",
@@ -102,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from prometheus_client import start_http_server
 
+    from gptserve.app import ServerConfig, build_app
     from gptserve.cli import engine_options
     from gptserve.engine.builder import build_engine
-    from gptserve.server.app import ServerConfig, build_app
     from gptserve.server.draining_server import DrainingServer
     from gptserve.triton.registry import ModelRegistry
 

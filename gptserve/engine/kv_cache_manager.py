@@ -9,6 +9,7 @@ Freed blocks keep their hash and stay reusable until they are evicted, least rec
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from gptserve.engine.sequence import Sequence
 
@@ -75,7 +76,6 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        self.prefix_queries += seq.num_tokens
         hits: list[tuple[int, int]] = []
         for h, tokens in self._hash_blocks(seq, max_blocks):
             block = self._cached.get(h)
@@ -89,8 +89,14 @@ class KVCacheManager:
             seq.block_ids.append(block)
             seq.block_hashes.append(h)
         seq.num_computed_tokens = len(hits) * self.block_size
-        self.prefix_hits += seq.num_computed_tokens
         return seq.num_computed_tokens
+
+    def count_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Count one request's lookup in the prefix-cache statistics (once it has been admitted: a lookup
+        given back for lack of blocks and repeated later counts once)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_hit
 
     def _needs_copy(self, seq: Sequence) -> bool:
         """Would the next write land in a partially filled block shared with another sequence?"""
@@ -102,6 +108,22 @@ class KVCacheManager:
         """Free blocks that `allocate(seq, num_new_tokens)` would take."""
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(total - len(seq.block_ids), 0) + int(self._needs_copy(seq))
+
+    def blocks_needed_for(self, plan: Iterable[tuple[Sequence, int]]) -> int:
+        """Free blocks that allocating each (sequence, new tokens) of `plan` in turn would take. A shared
+        partial block is copied for each sequence of the plan that writes into it, except that the last
+        holder of the block writes in place."""
+        needed = 0
+        writers: dict[int, int] = {}  # shared partial block -> sequences of the plan writing into it
+        for seq, num_new_tokens in plan:
+            total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+            needed += max(total - len(seq.block_ids), 0)
+            if self._needs_copy(seq):
+                block = seq.block_ids[seq.num_computed_tokens // self.block_size]
+                writers[block] = writers.get(block, 0) + 1
+        for block, count in writers.items():
+            needed += count - (count == self.ref_counts[block])
+        return needed
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)

@@ -1,9 +1,10 @@
 """Runs one engine step on the model: packs the scheduled tokens, owns the KV cache tensors and the CUDA
 graphs its steps replay.
 
-The packed batch holds decode tokens first (one query per sequence, attention batched over padded
-block tables) and prefill chunks after them (attention per chunk). No sequence is padded to the
-longest: the token dimension is the sum of the scheduled tokens.
+The packed batch holds decode tokens first (one query per sequence, attention batched over their block
+tables) and prefill chunks after them (on CUDA in half precision one varlen attention call for all
+chunks; otherwise attention per chunk). No sequence is padded to the longest: the token dimension is the
+sum of the scheduled tokens.
 """
 
 from __future__ import annotations

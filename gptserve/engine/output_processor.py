@@ -1,9 +1,15 @@
-"""Turns the engine's token outputs into text: incremental detokenization and stop-string matching.
+"""Turns the engine core's token deltas into request outputs: accumulation, incremental detokenization
+and stop-string matching.
 
-The engine core only produces token ids. This runs wherever the front-end wants it (on the event loop
-of the server, or inline for offline generation), so detokenizing never stalls the engine loop. A stop
-string found here ends its sequence at once for the caller; the caller tells the engine to stop
-generating it (`LLMEngine.finish_sequence`), and tokens the engine produced meanwhile are dropped.
+The core reports only what is new for each sequence; this keeps each sequence's output so far (token
+ids, log-probs, text) and hands on a `RequestOutput` with the whole output and the step's delta. It runs
+wherever the front-end wants it (on the server's event loop, or inline for offline generation), so none
+of this work is done on the engine loop. A stop string found here ends its sequence at once for the
+caller; the caller tells the core to stop generating it (`EngineCore.finish_sequence`), and tokens the
+core produced meanwhile are dropped.
+
+A `RequestOutput`'s `token_ids` and `logprobs` are the processor's own lists, which grow as later steps
+are processed: a consumer that keeps an output past the next step copies them.
 """
 
 from __future__ import annotations
@@ -13,43 +19,67 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from gptserve.engine.core_io import EngineCoreOutput, SeqDelta
 from gptserve.engine.detokenizer import IncrementalDetokenizer
 from gptserve.engine.stop_checker import StopStringMatcher
-from gptserve.outputs import CompletionOutput, RequestOutput
+from gptserve.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from gptserve.sampling_params import SamplingParams
 
 
 @dataclass
-class _SeqText:
-    """Text state of one output sequence."""
+class _SeqState:
+    """One output sequence as far as it has come."""
 
+    index: int
     detokenizer: IncrementalDetokenizer | None
     matcher: StopStringMatcher | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
     text: str = ""
-    final: CompletionOutput | None = None  # set once the sequence ended (here or in the engine)
+    ended: bool = False  # no more news is taken (ended here by a stop string, or in the core)
+
+    def output(self, delta_text: str = "", delta_token_ids: list[int] | None = None) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.text,
+            token_ids=self.token_ids,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            delta_text=delta_text,
+            delta_token_ids=delta_token_ids if delta_token_ids is not None else [],
+        )
 
 
 @dataclass
-class _RequestText:
+class _RequestState:
+    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    seqs: dict[int, _SeqText] = field(default_factory=dict)
-
-    @property
-    def num_outputs(self) -> int:
-        return self.params.n
+    seqs: dict[int, _SeqState] = field(default_factory=dict)
+    num_cached_tokens: int = 0
 
 
 class OutputProcessor:
-    """Adds `text`/`delta_text` to engine outputs and applies stop strings, request by request."""
+    """Accumulates core outputs into `RequestOutput`s with text, applying stop strings, per request."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, eos_token_ids: Iterable[int] = ()):
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
-        self._requests: dict[str, _RequestText] = {}
+        self._requests: dict[str, _RequestState] = {}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._requests[request_id] = _RequestText(list(prompt_token_ids), params)
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+    ) -> None:
+        self._requests[request_id] = _RequestState(prompt, prompt_token_ids, params)
 
     def drop(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -57,58 +87,88 @@ class OutputProcessor:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
 
-    def process(self, out: RequestOutput) -> tuple[RequestOutput | None, list[int]]:
-        """Fill in the text of one engine output. Returns the output to hand on (None for a request this
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def process(self, out: EngineCoreOutput) -> tuple[RequestOutput | None, list[int]]:
+        """Apply one core output. Returns the request's output to hand on (None for a request this
         processor no longer tracks) and the indices of sequences a stop string just ended, which the
-        engine should stop. The output reports `finished` as soon as every sequence has ended here."""
+        core should stop. The output is `finished` as soon as every sequence has ended here."""
         state = self._requests.get(out.request_id)
         if state is None:
             return None, []
         stopped: list[int] = []
-        beam = state.params.use_beam_search
-        outputs = []
-        for c in out.outputs:
-            seq = state.seqs.get(c.index)
+        deltas: dict[int, tuple[str, list[int]]] = {}
+        for d in out.seqs:
+            seq = state.seqs.get(d.index)
             if seq is None:
-                seq = state.seqs[c.index] = self._new_seq(state, c)
-            if seq.final is not None:
-                outputs.append(_frozen(seq.final))
-                continue
-            if beam and not c.finished:
-                outputs.append(c)  # beams change every step; their text is decoded once they end
-                continue
-            if self._apply(state.params, seq, c):
-                stopped.append(c.index)
-            outputs.append(c)
-        out.outputs = outputs
-        expected = len(out.outputs) if beam else state.num_outputs
-        done = len(state.seqs) >= expected and all(s.final is not None for s in state.seqs.values())
-        if out.finished or done:
-            out.finished = True
+                seq = state.seqs[d.index] = self._new_seq(state, d.index)
+            if seq.ended:
+                continue  # a stop string ended it here: what the core produced meanwhile is dropped
+            before = 0 if d.replaces else len(seq.token_ids)
+            new = self._accumulate(seq, d)
+            if d.replaces and not d.finished:
+                continue  # beams change every step; their text is decoded once they end
+            text, hit = self._detokenize(state.params, seq, new, d.finished)
+            if hit:
+                stopped.append(d.index)
+            deltas[d.index] = (text, seq.token_ids[before:])
+        if state.params.use_beam_search:  # the beams are exactly the ones reported (pruned every step)
+            reported = {d.index for d in out.seqs}
+            state.seqs = {i: s for i, s in state.seqs.items() if i in reported}
+        state.num_cached_tokens = out.num_cached_tokens
+        seqs = sorted(state.seqs.values(), key=lambda s: s.index)
+        expected = len(seqs) if state.params.use_beam_search else state.params.n
+        done = len(seqs) >= expected and all(s.ended for s in seqs)
+        finished = out.finished or done
+        outputs = [s.output(*deltas.get(s.index, ("", None))) for s in seqs]
+        if finished:
             self.drop(out.request_id)
-        return out, stopped
+        result = RequestOutput(
+            request_id=out.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=state.num_cached_tokens,
+            error=out.error,
+        )
+        return result, stopped
 
-    def _new_seq(self, state: _RequestText, c: CompletionOutput) -> _SeqText:
+    def _new_seq(self, state: _RequestState, index: int) -> _SeqState:
         params = state.params
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, state.prompt_token_ids, params.skip_special_tokens)
         matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
-        seq = _SeqText(detok, matcher)
-        earlier = c.token_ids[: len(c.token_ids) - len(c.delta_token_ids)]
-        if detok is not None and earlier:  # a sequence forked from one that already had output
-            seq.text = detok.add_tokens(earlier)
-        return seq
+        logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        return _SeqState(index, detok, matcher, logprobs=logprobs)
 
-    def _apply(self, params: SamplingParams, seq: _SeqText, c: CompletionOutput) -> bool:
-        """Detokenize `c`'s new tokens into `c.text`/`c.delta_text`; True if a stop string ended it."""
-        new = c.token_ids if params.use_beam_search else c.delta_token_ids
-        num_before = len(c.token_ids) - len(new)
+    @staticmethod
+    def _accumulate(seq: _SeqState, d: SeqDelta) -> list[int]:
+        """Take `d`'s tokens and state into `seq`; returns the tokens whose text is still to come."""
+        if d.replaces:
+            seq.token_ids = list(d.new_token_ids)
+            seq.logprobs = d.new_logprobs
+        else:
+            seq.token_ids.extend(d.new_token_ids)
+            if d.new_logprobs is not None and seq.logprobs is not None:
+                seq.logprobs.extend(d.new_logprobs)
+        seq.cumulative_logprob = d.cumulative_logprob
+        seq.finish_reason, seq.stop_reason = d.finish_reason, d.stop_reason
+        return seq.token_ids if d.replaces else d.new_token_ids
+
+    def _detokenize(
+        self, params: SamplingParams, seq: _SeqState, new: list[int], finished: bool
+    ) -> tuple[str, bool]:
+        """The text `new` adds to `seq` (held-back text released at its end); True if a stop string
+        ended the sequence, which then keeps only the tokens up to the one that completed it."""
+        num_before = len(seq.token_ids) - len(new)
         # A token that ended the sequence by id (EOS, stop_token_ids) adds no text.
         if (
             new
-            and c.finish_reason == "stop"
-            and ((not params.ignore_eos and new[-1] in self.eos_token_ids) or c.stop_reason == new[-1])
+            and seq.finish_reason == "stop"
+            and ((not params.ignore_eos and new[-1] in self.eos_token_ids) or seq.stop_reason == new[-1])
         ):
             new = new[:-1]
         delta = ""
@@ -118,26 +178,23 @@ class OutputProcessor:
             if seq.matcher is not None and num_before + i + 1 >= params.min_tokens:
                 piece, hit = seq.matcher.feed(piece)
                 if hit:
-                    delta += piece
                     kept = num_before + i + 1
-                    c.token_ids = c.token_ids[:kept]
-                    c.delta_token_ids = c.delta_token_ids[: max(kept - num_before, 0)]
-                    if c.logprobs is not None:
-                        c.logprobs = c.logprobs[:kept]
-                    c.finish_reason, c.stop_reason = "stop", seq.matcher.matched
-                    self._end(seq, c, delta)
-                    return True
+                    seq.token_ids = seq.token_ids[:kept]
+                    if seq.logprobs is not None:
+                        seq.logprobs = seq.logprobs[:kept]
+                    seq.finish_reason, seq.stop_reason = "stop", seq.matcher.matched
+                    seq.ended = True
+                    seq.text += delta + piece
+                    return delta + piece, True
             delta += piece
-        if c.finished:
+        if finished:
             delta += self._flush(seq)
-            self._end(seq, c, delta)
-        else:
-            seq.text += delta
-            c.text, c.delta_text = seq.text, delta
-        return False
+            seq.ended = True
+        seq.text += delta
+        return delta, False
 
     @staticmethod
-    def _flush(seq: _SeqText) -> str:
+    def _flush(seq: _SeqState) -> str:
         """Text held back (partial characters, possible stop-string prefixes) released at the end."""
         if seq.detokenizer is None:
             return ""
@@ -146,22 +203,3 @@ class OutputProcessor:
             return tail
         text, _ = seq.matcher.feed(tail)
         return text + seq.matcher.flush()
-
-    @staticmethod
-    def _end(seq: _SeqText, c: CompletionOutput, delta: str) -> None:
-        seq.text += delta
-        c.text, c.delta_text = seq.text, delta
-        seq.final = c
-
-
-def _frozen(final: CompletionOutput) -> CompletionOutput:
-    """A sequence that already ended reports its final state again, with nothing new."""
-    return CompletionOutput(
-        index=final.index,
-        text=final.text,
-        token_ids=final.token_ids,
-        finish_reason=final.finish_reason,
-        stop_reason=final.stop_reason,
-        cumulative_logprob=final.cumulative_logprob,
-        logprobs=final.logprobs,
-    )

@@ -1,4 +1,4 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching: which sequences run in the next step, how many tokens each, and what a step did.
 
 Every step has a token budget (`max_num_batched_tokens`). Running requests come first (one token per
 decoding sequence, or the next chunk of a prompt), then waiting requests are admitted in arrival
@@ -6,16 +6,22 @@ order, their prompts chunked to fit the budget. When KV blocks run out, the most
 running request is preempted: its blocks are freed and it recomputes later (its own blocks often
 come back from the prefix cache). All sequences of a request step together, so n-way samples and
 beams always reach their sampling point in the same step.
+
+After the model ran, `record_computed` counts the computed tokens and caches the blocks they filled, and
+`update` appends the sampled tokens and applies the stop conditions that are token ids (EOS, stop tokens,
+stop token sequences, lengths), freeing the blocks of every sequence that ended.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gptserve.config import SchedulerConfig
 from gptserve.engine.kv_cache_manager import KVCacheManager
 from gptserve.engine.sequence import Request, RequestStatus, Sequence
+from gptserve.outputs import TokenLogprob
 
 
 @dataclass
@@ -26,6 +32,17 @@ class ScheduledSeq:
     request: Request
     num_new_tokens: int
     sample: bool
+
+
+@dataclass
+class SampledToken:
+    """A token sampled for `seq`; `logprob` is its raw log-probability, `top` the alternatives asked for."""
+
+    request: Request
+    seq: Sequence
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] | None
 
 
 @dataclass
@@ -43,9 +60,10 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue and the running set."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: Iterable[int] = ()):
         self.config = config
         self.kv = kv
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -84,10 +102,18 @@ class Scheduler:
         return plan
 
     def _blocks_needed(self, plan: list[ScheduledSeq]) -> int:
-        needed = 0
-        for p in plan:  # a loop: plans are mostly one sequence long, where a generator costs more
-            needed += self.kv.blocks_needed(p.seq, p.num_new_tokens)
-        return needed
+        if len(plan) == 1:  # the common case, asked for every running sequence every step
+            return self.kv.blocks_needed(plan[0].seq, plan[0].num_new_tokens)
+        return self.kv.blocks_needed_for((p.seq, p.num_new_tokens) for p in plan)
+
+    @staticmethod
+    def _num_seq_slots(request: Request) -> int:
+        """Sequences `request` runs once it reaches its first sampling point: its n samples (or beams),
+        which its one prompt sequence forks into then, so `max_num_seqs` holds from admission on."""
+        if request.forked:
+            return len(request.live_seqs)
+        params = request.params
+        return params.beam_width if params.use_beam_search else params.n
 
     def _allocate(self, plan: list[ScheduledSeq], out: SchedulerOutput) -> None:
         for p in plan:
@@ -96,6 +122,8 @@ class Scheduler:
 
     def preempt(self, request: Request) -> None:
         """Free every block of `request` and put it back at the head of the queue."""
+        if request in self.running:
+            self.running.remove(request)
         for seq in request.live_seqs:
             self.kv.free(seq)
         request.status = RequestStatus.WAITING
@@ -131,15 +159,18 @@ class Scheduler:
 
         if out.preempted:  # blocks are short: let the running requests drain first
             return out
-        num_seqs = self.num_running_seqs()
+        num_seqs = sum(self._num_seq_slots(r) for r in self.running)
         while self.waiting and budget > 0:
             request = self.waiting[0]
             live = request.live_seqs
-            if num_seqs + len(live) > self.config.max_num_seqs and self.running:
+            slots = self._num_seq_slots(request)
+            if num_seqs + slots > self.config.max_num_seqs and self.running:
                 break
+            lookup: tuple[int, int] | None = None  # (tokens looked up, tokens found) of its first sequence
             for seq in live:
                 if seq.num_computed_tokens == 0 and not seq.block_ids:
                     hit = self.kv.match_prefix(seq)
+                    lookup = lookup or (seq.num_tokens, hit)
                     if seq.num_output_tokens == 0 and seq.index == 0:
                         request.num_cached_tokens = hit
             plan = self._plan(request, budget)
@@ -152,10 +183,12 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            if lookup is not None:
+                self.kv.count_prefix_lookup(*lookup)
             self._allocate(plan, out)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            num_seqs += len(live)
+            num_seqs += slots
             budget -= sum(p.num_new_tokens for p in plan)
         return out
 
@@ -181,3 +214,59 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+
+    # ------------------------------------------------------------------------------ after the model ran
+    def record_computed(self, scheduled: list[ScheduledSeq]) -> None:
+        """The step's tokens are in the cache: count them and offer the blocks they filled to the prefix
+        cache. A sequence that ended while its step ran ahead is skipped (its blocks are gone)."""
+        for item in scheduled:
+            if item.seq.finished:
+                continue
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(item.seq)
+
+    def update(self, sampled: list[SampledToken]) -> None:
+        """Append each sampled token to its sequence, end the sequences a stop condition or length limit
+        ends (their blocks are freed at once), and finish the requests left with no live sequence."""
+        for s in sampled:
+            self._append(s)
+        for s in sampled:
+            request = s.request
+            if not request.finished and not request.live_seqs:
+                self.finish(request)
+
+    def _append(self, s: SampledToken) -> None:
+        seq, params, token = s.seq, s.request.params, s.token_id
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += s.logprob
+        if s.top is not None:
+            seq.logprobs.append(TokenLogprob(token, s.logprob, s.top))
+        n_out = seq.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif params.stop_token_sequences and any(
+                ends_with(seq.output_token_ids, stop) for stop in params.stop_token_sequences
+            ):
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and self.ends_by_length(s.request, n_out, seq.num_tokens):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.kv.free(seq)
+
+    def ends_by_length(self, request: Request, num_output_tokens: int, num_tokens: int) -> bool:
+        """Whether a sequence with these many output and total tokens has reached its length limit."""
+        max_tokens = request.params.max_tokens
+        return (
+            max_tokens is not None and num_output_tokens >= max_tokens
+        ) or num_tokens >= self.config.max_model_len
+
+    def ends_with_next_token(self, request: Request, seq: Sequence) -> bool:
+        """Whether the token being sampled for `seq` now brings it to its length limit."""
+        return self.ends_by_length(request, seq.num_output_tokens + 1, seq.num_tokens + 1)
+
+
+def ends_with(tokens: list[int], suffix: list[int]) -> bool:
+    return len(tokens) >= len(suffix) and tokens[len(tokens) - len(suffix) :] == suffix

@@ -43,6 +43,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    finish_reported: bool = False  # the engine core has reported how it ended
     # Beam search: a live beam's cumulative processed score (what beams are ranked by); the
     # length-normalised score once the beam has finished.
     beam_score: float = 0.0

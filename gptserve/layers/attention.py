@@ -1,4 +1,6 @@
-"""Causal self-attention over the paged KV cache (plain PyTorch path, used on CPU and as reference).
+"""Causal self-attention over the paged KV cache: the Triton kernels on CUDA (paged decode, the KV
+write fused with the rotary embedding) and FlashAttention's varlen call for half-precision prefill there;
+plain PyTorch on CPU, which is also the reference the kernels are tested against.
 
 The model runner packs the tokens of every scheduled sequence into one flat batch: first the decode
 tokens (one query each), then the prefill chunks. `AttentionMetadata` says where each new token's K/V

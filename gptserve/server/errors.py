@@ -1,8 +1,9 @@
 """HTTP errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the right status.
 
-Every way a request can be bad ends here as a 4xx: our own `APIError`, the engine's `InvalidRequestError`
-(which names the field at fault), pydantic validation errors (FastAPI's 422, turned into a 400 naming the
-parameter) and routing errors. A 500 means a bug in the server, never bad input.
+Every way a request can be bad ends here as a 4xx: our own `APIError`, gptserve's errors (each carries
+its status; `InvalidRequestError` names the field at fault), pydantic validation errors (FastAPI's 422,
+turned into a 400 naming the parameter) and routing errors. A 500 means a bug in the server, never bad
+input.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptserve.errors import InvalidRequestError
+from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from gptserve.frontend.api_error import APIError
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +34,6 @@ ERROR_TYPES = {
 }
 
 
-class APIError(Exception):
-    """An error answered to the client as-is."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
 
@@ -65,14 +48,21 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
-def from_invalid_request(err: InvalidRequestError, renames: dict[str, str] | None = None) -> APIError:
-    """An engine validation error as a 400; `renames` maps engine field names to the API's."""
-    param = err.param
-    message = str(err)
-    if param and renames and param in renames:
-        message = message.replace(param, renames[param], 1)
-        param = renames[param]
-    return APIError(400, message, param)
+def to_api_error(err: GptServeError, renames: dict[str, str] | None = None) -> APIError:
+    """A gptserve error in OpenAI's form, with the status it carries; `renames` maps engine field names
+    to the API's (chat's `max_completion_tokens`, `top_logprobs`)."""
+    if isinstance(err, InvalidRequestError):
+        param = err.param
+        message = str(err)
+        if param and renames and param in renames:
+            message = message.replace(param, renames[param], 1)
+            param = renames[param]
+        return APIError(err.http_status, message, param, err.code)
+    if isinstance(err, QueueFullError):  # as for every overloaded route
+        return APIError(err.http_status, str(err), code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(err, RequestTimeoutError):
+        return APIError(err.http_status, str(err), code="request_timeout")
+    return APIError(err.http_status, str(err))
 
 
 _TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
@@ -123,9 +113,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
-    @app.exception_handler(InvalidRequestError)
-    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        return error_response(from_invalid_request(exc))
+    @app.exception_handler(GptServeError)
+    async def _gptserve(request: Request, exc: GptServeError) -> JSONResponse:
+        return error_response(to_api_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

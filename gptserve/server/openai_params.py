@@ -1,4 +1,4 @@
-"""From an OpenAI request body to engine `SamplingParams`, plus the context-length check.
+"""From an OpenAI request body to engine `SamplingParams`.
 
 Range checks live in `SamplingParams`; its errors name the engine's field, which `renames` maps back
 to the name the client used (chat's `max_completion_tokens`, `top_logprobs`).
@@ -6,11 +6,9 @@ to the name the client used (chat's `max_completion_tokens`, `top_logprobs`).
 
 from __future__ import annotations
 
-import dataclasses
-
 from gptserve.errors import InvalidRequestError
 from gptserve.sampling_params import SamplingParams
-from gptserve.server.errors import APIError, bad_request, from_invalid_request
+from gptserve.server.errors import bad_request, to_api_error
 from gptserve.server.openai_protocol import SamplingFields
 
 
@@ -59,37 +57,4 @@ def build_sampling_params(
             include_stop_str_in_output=req.include_stop_str_in_output,
         )
     except InvalidRequestError as e:
-        raise from_invalid_request(e, renames) from None
-
-
-def fit_to_context(
-    params: SamplingParams,
-    num_prompt_tokens: int,
-    max_model_len: int,
-    prompt_param: str,
-    max_tokens_param: str = "max_tokens",
-) -> SamplingParams:
-    """Check that prompt + max_tokens fits the context; without max_tokens, fill what is left."""
-    requested = params.max_tokens
-    if requested is None:
-        if num_prompt_tokens >= max_model_len:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_model_len} tokens (max_model_len), but the "
-                f"{prompt_param} has {num_prompt_tokens} tokens, leaving no room for a completion "
-                f"({max_tokens_param} was not set). Shorten the {prompt_param}.",
-                prompt_param,
-                "context_length_exceeded",
-            )
-        return dataclasses.replace(params, max_tokens=max_model_len - num_prompt_tokens)
-    if num_prompt_tokens + requested > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens (max_model_len), but "
-            f"{num_prompt_tokens + requested} were requested: {num_prompt_tokens} in the {prompt_param} "
-            f"and {requested} for the completion ({max_tokens_param}={requested}). Shorten the "
-            f"{prompt_param} or lower {max_tokens_param}.",
-            prompt_param,
-            "context_length_exceeded",
-        )
-    return params
+        raise to_api_error(e, renames) from None

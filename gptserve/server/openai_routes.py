@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from gptserve.frontend.unicode_json import UnicodeJSONRoute
 from gptserve.server.errors import bad_request
 from gptserve.server.openai_protocol import (
     ChatCompletionRequest,
@@ -22,7 +23,6 @@ from gptserve.server.openapi_doc import UNAVAILABLE, json_body
 from gptserve.server.serving import OpenAIServing
 from gptserve.server.serving_chat import create_chat_completion
 from gptserve.server.serving_completions import create_completion
-from gptserve.server.unicode_json import UnicodeJSONRoute
 
 
 def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
@@ -76,10 +76,7 @@ def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         serving.model_name(body.model)
-        vocab = serving.engine.engine.model_config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary of {vocab}", "tokens")
+        serving.check_token_ids(body.tokens, "tokens")
         return {"prompt": serving.decode(body.tokens)}
 
     return router

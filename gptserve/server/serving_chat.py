@@ -11,23 +11,16 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gptserve.errors import RequestTimeoutError
-from gptserve.server.async_engine import EngineDeadError
-from gptserve.server.errors import APIError, bad_request
+from gptserve.errors import GptServeError
+from gptserve.frontend.api_error import APIError
+from gptserve.frontend.disconnect import cancel_on_disconnect
+from gptserve.frontend.request_stream import RequestStream, abort_all
+from gptserve.server.errors import bad_request, to_api_error
 from gptserve.server.openai_format import chat_logprobs, usage
-from gptserve.server.openai_params import build_sampling_params, fit_to_context
+from gptserve.server.openai_params import build_sampling_params
 from gptserve.server.openai_protocol import ChatCompletionRequest
-from gptserve.server.request_stream import RequestStream
-from gptserve.server.serving import OpenAIServing, timed_out
-from gptserve.server.streaming import (
-    DONE,
-    abort_all,
-    cancel_on_disconnect,
-    choice_deltas,
-    final_outputs,
-    sse,
-    sse_error,
-)
+from gptserve.server.serving import OpenAIServing
+from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
 
 
 @dataclass
@@ -76,10 +69,8 @@ async def create_chat_completion(
     text = serving.render_chat(
         req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs
     )
-    prompt = serving.tokenize(text, add_special_tokens=False)
-    params = fit_to_context(params, len(prompt), serving.max_model_len, "messages", max_tokens_param)
     job_id = f"chatcmpl-{uuid.uuid4().hex}"
-    (stream,) = await serving.admit(job_id, [prompt], [params])
+    (stream,) = serving.admit(job_id, [text], params, "messages", max_tokens_param, add_special_tokens=False)
     job = _Job(job_id, model, int(time.time()), req, stream, num_top)
     if req.stream:
         return StreamingResponse(_stream(serving, job), media_type="text/event-stream")
@@ -90,10 +81,8 @@ async def create_chat_completion(
 async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
     try:
         (out,) = await final_outputs([job.stream])
-    except EngineDeadError as e:
-        raise APIError(503, str(e)) from None
-    except RequestTimeoutError as e:
-        raise timed_out(e) from None
+    except GptServeError as e:
+        raise to_api_error(e) from None
     choices = []
     for c in out.outputs:
         logprobs = (
@@ -132,12 +121,8 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
             yield chunk(d.index, delta, logprobs, d.finish_reason)
         if include_usage:
             yield sse(job.body([], usage=usage(job.stream.num_prompt_tokens, completion_tokens)))
-    except APIError as e:
-        yield sse_error(e.status, e.message, e.code)
-    except EngineDeadError as e:
-        yield sse_error(503, str(e))
-    except RequestTimeoutError as e:
-        err = timed_out(e)
+    except (APIError, GptServeError) as e:
+        err = e if isinstance(e, APIError) else to_api_error(e)
         yield sse_error(err.status, err.message, err.code)
     finally:
         abort_all([job.stream])

@@ -15,23 +15,16 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gptserve.errors import RequestTimeoutError
-from gptserve.server.async_engine import EngineDeadError
-from gptserve.server.errors import APIError, bad_request
+from gptserve.errors import GptServeError
+from gptserve.frontend.api_error import APIError
+from gptserve.frontend.disconnect import cancel_on_disconnect
+from gptserve.frontend.request_stream import RequestStream, abort_all
+from gptserve.server.errors import bad_request, to_api_error
 from gptserve.server.openai_format import completion_logprobs, usage
-from gptserve.server.openai_params import build_sampling_params, fit_to_context
+from gptserve.server.openai_params import build_sampling_params
 from gptserve.server.openai_protocol import CompletionRequest
-from gptserve.server.request_stream import RequestStream
-from gptserve.server.serving import OpenAIServing, timed_out
-from gptserve.server.streaming import (
-    DONE,
-    abort_all,
-    cancel_on_disconnect,
-    choice_deltas,
-    final_outputs,
-    sse,
-    sse_error,
-)
+from gptserve.server.serving import OpenAIServing
+from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
 
 
 def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -78,16 +71,12 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     for p in prompts:
         if not isinstance(p, str):
             serving.check_token_ids(p, "prompt")  # before `echo` decodes them
-    token_prompts = [
-        serving.tokenize(p, req.add_special_tokens) if isinstance(p, str) else p for p in prompts
-    ]
-    base = build_sampling_params(req, req.max_tokens, req.logprobs)
-    params = [fit_to_context(base, len(t), serving.max_model_len, "prompt") for t in token_prompts]
+    params = build_sampling_params(req, req.max_tokens, req.logprobs)
     echo = None
     if req.echo:
         echo = [p if isinstance(p, str) else serving.decode(p) for p in prompts]
     job_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await serving.admit(job_id, token_prompts, params)
+    streams = serving.admit(job_id, prompts, params, add_special_tokens=req.add_special_tokens)
     job = _Job(job_id, model, int(time.time()), req, streams, echo)
     if req.stream:
         return StreamingResponse(_stream(serving, job), media_type="text/event-stream")
@@ -98,10 +87,8 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
 async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
     try:
         finals = await final_outputs(job.streams)
-    except EngineDeadError as e:
-        raise APIError(503, str(e)) from None
-    except RequestTimeoutError as e:
-        raise timed_out(e) from None
+    except GptServeError as e:
+        raise to_api_error(e) from None
     req = job.req
     choices = []
     completion_tokens = 0
@@ -156,12 +143,8 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
             yield chunk(d.index, d.text, logprobs, d.finish_reason, d.stop_reason)
         if include_usage:
             yield sse(job.body([], usage=usage(job.num_prompt_tokens, completion_tokens)))
-    except APIError as e:
-        yield sse_error(e.status, e.message, e.code)
-    except EngineDeadError as e:
-        yield sse_error(503, str(e))
-    except RequestTimeoutError as e:
-        err = timed_out(e)
+    except (APIError, GptServeError) as e:
+        err = e if isinstance(e, APIError) else to_api_error(e)
         yield sse_error(err.status, err.message, err.code)
     finally:
         abort_all(job.streams)

@@ -1,22 +1,18 @@
-"""Plumbing between engine streams and HTTP: SSE framing, merging the streams of a multi-prompt
-request, and cancelling a non-streaming request when its client goes away."""
+"""Plumbing between engine streams and OpenAI's HTTP answers: SSE framing, per-choice deltas of a
+multi-prompt request, and the final outputs of a non-streaming one."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from fastapi import Request, Response
-
+from gptserve.frontend.api_error import APIError
+from gptserve.frontend.request_stream import RequestStream, abort_all, merge_streams
 from gptserve.outputs import RequestOutput, TokenLogprob
-from gptserve.server.errors import APIError, error_body
-from gptserve.server.request_stream import RequestStream
-
-T = TypeVar("T")
+from gptserve.server.errors import error_body
 
 DONE = "data: [DONE]\n\n"
 
@@ -27,44 +23,6 @@ def sse(payload: dict[str, Any]) -> str:
 
 def sse_error(status: int, message: str, code: str | None = None) -> str:
     return sse(error_body(status, message, None, code))
-
-
-async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(position of the stream, output) from all `streams` as outputs arrive."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((i, out))
-        except Exception as e:
-            queue.put_nowait((i, e))
-        finally:
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def abort_all(streams: list[RequestStream]) -> None:
-    for stream in streams:
-        stream.abort()
 
 
 def raise_if_failed(out: RequestOutput) -> None:
@@ -124,27 +82,3 @@ async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
     finally:
         abort_all(streams)
     return [finals[i] for i in range(len(streams))]
-
-
-async def _client_gone(request: Request) -> None:
-    # The body has been read, so the next ASGI message can only be the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
-    """Await `work`, cancelling it if the client disconnects first (it then gets no answer)."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watch.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()  # its own clean-up aborts the engine requests
-    await asyncio.wait({task})
-    return Response(status_code=499)  # nobody reads it; nginx's "client closed request"

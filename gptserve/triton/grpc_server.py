@@ -23,8 +23,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError
-from gptserve.server.request_log import log_call
+from gptserve.errors import GptServeError, QueueFullError
+from gptserve.frontend.request_log import log_call
 from gptserve.triton.grpc_codec import (
     decode_request,
     encode_response,
@@ -76,12 +76,10 @@ def as_triton_error(error: Exception) -> TritonError:
     """Any exception raised while serving a call -> the `TritonError` to answer with."""
     if isinstance(error, TritonError):
         return error
-    if isinstance(error, InvalidRequestError):
-        return TritonError(str(error), 400)
     if isinstance(error, QueueFullError):
         return TritonError(str(error), 429)  # RESOURCE_EXHAUSTED: retry later
     if isinstance(error, GptServeError):
-        return TritonError(str(error), 503)
+        return TritonError(str(error), error.http_status)
     logger.exception("gRPC call failed", exc_info=error)
     return TritonError(f"internal error: {type(error).__name__}: {error}", 500)
 

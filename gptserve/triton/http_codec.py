@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gptserve.server.unicode_json import find_surrogate
+from gptserve.frontend.unicode_json import find_surrogate
 from gptserve.triton.tensor_bytes import (
     count_bytes_elements,
     decode_raw_tensor,

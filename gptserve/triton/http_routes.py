@@ -25,10 +25,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptserve.errors import InvalidRequestError, QueueFullError
-from gptserve.server.async_engine import EngineDeadError
-from gptserve.server.errors import APIError
-from gptserve.server.streaming import cancel_on_disconnect
+from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError
+from gptserve.frontend.api_error import APIError
+from gptserve.frontend.disconnect import cancel_on_disconnect
 from gptserve.triton import http_codec as codec
 from gptserve.triton.server_info import (
     SERVER_EXTENSIONS,
@@ -69,14 +68,12 @@ class TritonRoute(APIRoute):
                 return triton_error_response(e.status, e.message)
             except APIError as e:
                 return triton_error_response(e.status, e.message, e.headers)
-            except InvalidRequestError as e:
-                return triton_error_response(400, str(e))
             except StarletteHTTPException as e:
                 return triton_error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
-            except EngineDeadError as e:
-                return triton_error_response(503, str(e))
             except QueueFullError as e:
-                return triton_error_response(503, str(e), {"Retry-After": "1"})
+                return triton_error_response(e.http_status, str(e), {"Retry-After": "1"})
+            except GptServeError as e:
+                return triton_error_response(e.http_status, str(e))
             except Exception as e:
                 logger.exception("internal error on %s %s", request.method, request.url.path)
                 return triton_error_response(500, f"internal server error: {type(e).__name__}: {e}")

@@ -20,19 +20,21 @@ Triton's vLLM backend, unless `exclude_input_in_output` is true.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from gptserve.engine.core_io import EngineCoreRequest
+from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError
+from gptserve.frontend.async_engine import AsyncEngine
+from gptserve.frontend.request_stream import RequestStream, abort_all, merge_batches
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
 from gptserve.triton import ft_tensors as ft
@@ -47,10 +49,6 @@ from gptserve.triton.types import (
     make_response,
     tensor_specs,
 )
-
-if TYPE_CHECKING:  # the server package imports the Triton front-end, so only for annotations here
-    from gptserve.server.async_engine import AsyncEngine
-    from gptserve.server.request_stream import RequestStream
 
 SERVED_MAX_BATCH_SIZE = 1024  # as FT's GPT-J config; rows beyond the engine's running limit wait in its queue
 DEFAULT_MAX_TOKENS = 16
@@ -185,18 +183,23 @@ class LLMModel(TritonModel):
         token_request = ft.parse_token_request(inputs, self.eos_token_ids, self.default_end_id, extra)
         return _Job(token_request.prompts, token_request.params, token_request=token_request)
 
-    def _check_context(self, job: _Job, request: InferRequest) -> None:
-        """Refuse a row whose prompt plus requested output exceeds the model's context, as the OpenAI
-        routes do; the token form's output tensors are sized by the requested length."""
-        limit = self.engine.engine.max_model_len
-        name = "request_output_len" if "request_output_len" in request.inputs else "max_tokens"
+    def _engine_requests(self, job: _Job, request: InferRequest, base_id: str) -> list[EngineCoreRequest]:
+        """Every row through the model's input processor. A row whose prompt plus requested output exceeds
+        the context is refused, as the OpenAI routes refuse it: the token form's output tensors are sized
+        by the requested length."""
+        tensor = "input_ids" if "input_ids" in request.inputs else "text_input"
+        length = "request_output_len" if "request_output_len" in request.inputs else "max_tokens"
+        requests = []
         for row, (prompt, params) in enumerate(zip(job.prompts, job.params)):
-            wanted = len(prompt) + (params.max_tokens or 0)
-            if wanted > limit:
-                raise TritonError(
-                    f"input '{name}' row {row}: {len(prompt)} prompt tokens + {params.max_tokens} requested "
-                    f"exceed the model's context of {limit} tokens (max_model_len)"
+            try:
+                requests.append(
+                    self.engine.inputs.process(
+                        f"{base_id}-{row}", prompt, params, fit_max_tokens=True, max_tokens_param=length
+                    )
                 )
+            except InvalidRequestError as e:
+                raise TritonError(f"input '{tensor}' row {row}: {e}") from e
+        return requests
 
     def _parse_text(self, request: InferRequest, extra: dict[str, Any]) -> _Job:
         texts = np.asarray(request.inputs["text_input"])
@@ -211,10 +214,11 @@ class LLMModel(TritonModel):
             lens = [int(extra.get("max_tokens", DEFAULT_MAX_TOKENS))] * batch
         if any(int(n) <= 0 for n in lens):
             raise TritonError(f"input 'max_tokens' must be > 0, got {[int(n) for n in lens]}")
-        prompts = [self.engine.tokenize(t) for t in prompt_texts]
+        tokenize = self.engine.inputs.tokenize
+        prompts = [tokenize(t) for t in prompt_texts]
         max_tokens = [int(n) for n in lens]
         params, _ = ft.sampling_params(request.inputs, max_tokens, self.eos_token_ids, None, extra)
-        params = with_words(request, params, partial(self.engine.tokenize, add_special_tokens=False))
+        params = with_words(request, params, partial(tokenize, add_special_tokens=False))
         exclude = request.inputs.get("exclude_input_in_output", extra.get("exclude_input_in_output", False))
         return _Job(prompts, params, prompt_texts=prompt_texts, exclude_input=_truthy(exclude))
 
@@ -225,9 +229,9 @@ class LLMModel(TritonModel):
         try:
             check_request(self, request, shapes=False)
             job = self._parse(request)
-            self._check_context(job, request)
+            base_id = f"triton-{request.id or 'r'}-{uuid.uuid4().hex[:12]}"
+            streams = self.engine.admit(self._engine_requests(job, request, base_id))
             rows = len(job.prompts)
-            streams = await self._submit(job, request.id)
             self.stats.queue.add(time.monotonic_ns() - start)
             texts: list[dict[int, str]] = [{} for _ in job.prompts]
             emitted = [0] * rows  # streamed token form: generated tokens each row has sent so far
@@ -252,79 +256,37 @@ class LLMModel(TritonModel):
             raise TritonError(message) from e
         except QueueFullError:
             raise  # each protocol has its own overload answer (HTTP 503 + Retry-After, RESOURCE_EXHAUSTED)
-        except RequestTimeoutError as e:
-            raise TritonError(str(e), 408) from e
-        except GptServeError as e:  # the engine stopped or failed (`EngineDeadError`)
-            raise TritonError(str(e), 503) from e
+        except GptServeError as e:  # a timeout, or the engine stopped or failed (`EngineDeadError`)
+            raise TritonError(str(e), e.http_status) from e
         finally:
             self.stats.record(start, rows, ok)
-
-    async def _submit(self, job: _Job, request_id: str) -> list[RequestStream]:
-        """Queue every row at once; on any refusal or cancellation none stays in the engine."""
-        self.engine.check_capacity(len(job.prompts))
-        base = f"triton-{request_id or 'r'}-{uuid.uuid4().hex[:12]}"
-        tasks = [
-            asyncio.ensure_future(self.engine.add_request(f"{base}-{i}", prompt, params))
-            for i, (prompt, params) in enumerate(zip(job.prompts, job.params))
-        ]
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            _abort([t.result() for t in tasks if not t.cancelled() and t.exception() is None])
-            raise
-        errors = [t.exception() for t in tasks if t.exception() is not None]
-        if errors:
-            _abort([t.result() for t in tasks if t.exception() is None])
-            raise errors[0]  # type: ignore[misc]
-        return [t.result() for t in tasks]
 
     async def _progress(
         self, streams: list[RequestStream]
     ) -> AsyncIterator[tuple[list[RequestOutput | None], list[dict[int, str]], bool]]:
         """The latest output of every row each time some rows progressed, with the text each sequence
         added meanwhile and whether all rows finished. Leaving early aborts the rows still running."""
-        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-        async def pump(row: int, stream: RequestStream) -> None:
-            try:
-                async for out in stream:
-                    queue.put_nowait((row, out))
-            except Exception as e:
-                queue.put_nowait((row, e))
-            queue.put_nowait((row, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         latest: list[RequestOutput | None] = [None] * len(streams)
-        ended = 0
         try:
-            while ended < len(streams):
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                deltas: list[dict[int, str]] = [{} for _ in streams]
-                for row, item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is None:
-                        ended += 1
-                        if latest[row] is None or not latest[row].finished:
-                            raise TritonError("the request was aborted before it finished", 499)
-                        continue
-                    if item.error:
-                        raise TritonError(item.error)
-                    latest[row] = item
-                    for c in item.outputs:
-                        deltas[row][c.index] = deltas[row].get(c.index, "") + c.delta_text
-                yield latest, deltas, ended == len(streams) or all(o and o.finished for o in latest)
-                if all(o is not None and o.finished for o in latest):
-                    return
+            async with contextlib.aclosing(merge_batches(streams)) as batches:
+                async for batch in batches:
+                    deltas: list[dict[int, str]] = [{} for _ in streams]
+                    for row, item in batch:
+                        if item is None:
+                            if latest[row] is None or not latest[row].finished:
+                                raise TritonError("the request was aborted before it finished", 499)
+                            continue
+                        if item.error:
+                            raise TritonError(item.error)
+                        latest[row] = item
+                        for c in item.outputs:
+                            deltas[row][c.index] = deltas[row].get(c.index, "") + c.delta_text
+                    done = all(o is not None and o.finished for o in latest)
+                    yield latest, deltas, done
+                    if done:
+                        return
         finally:
-            for task in tasks:
-                task.cancel()
-            _abort(streams)
+            abort_all(streams)
 
     # -------------------------------------------------------------------------------------- outputs
     def _response(
@@ -409,8 +371,3 @@ def _prefix(beam: ft.BeamResult, length: int) -> ft.BeamResult:
         return beam
     log_probs = beam.log_probs[:length]
     return ft.BeamResult(beam.token_ids[:length], float(sum(log_probs)), log_probs)
-
-
-def _abort(streams: Sequence[RequestStream]) -> None:
-    for stream in streams:
-        stream.abort()

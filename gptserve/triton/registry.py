@@ -15,13 +15,13 @@ import logging
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tritonclient.grpc import model_config_pb2 as mc
 
 from gptserve.engine.builder import build_engine
 from gptserve.engine.engine_options import EngineOptions
 from gptserve.errors import GptServeError
+from gptserve.frontend.async_engine import AsyncEngine
 from gptserve.triton import repository as repo
 from gptserve.triton.ensemble import EnsembleModel
 from gptserve.triton.llm_model import LLMModel
@@ -32,9 +32,6 @@ from gptserve.triton.tokenizer_models import (
     tokenizer_role,
 )
 from gptserve.triton.types import TritonError, TritonModel, not_found
-
-if TYPE_CHECKING:  # the server package imports this module, so only for annotations here
-    from gptserve.server.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +138,6 @@ class ModelRegistry:
         if config.backend == "fastertransformer":
             path = repo.checkpoint_path(config, entry.directory, version)
             options = repo.ft_engine_options(config, self.engine_options)
-            from gptserve.server.async_engine import AsyncEngine
-
             share = 1.0 / max(self._engines_to_build, 1)
             self._engines_to_build -= 1
             engine = build_engine(path, replace(options, gpu_memory_share=share))

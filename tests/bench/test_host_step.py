@@ -18,5 +18,5 @@ def test_host_time_per_step_then_the_model_runs_again(tiny_models):
 
     ms = host_ms_per_step(llm, prompts, 6)
     assert 0 < ms < 1000
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == real

@@ -57,23 +57,23 @@ def test_async_steps_generate_what_synchronous_steps_do(llms):
     free = [o.outputs[0].token_ids for o in sync.generate(prompts, SamplingParams(max_tokens=10))]
     params = _params(prompts, free)
     # Together: steps run ahead while every running request's sampling reads no history.
-    before = ahead.engine.num_steps_ahead
+    before = ahead.engine.core.num_steps_ahead
     counted = [llm.engine.num_generated_tokens for llm in llms]
     _assert_same(ahead.generate(prompts, params), sync.generate(prompts, params))
-    assert ahead.engine.num_steps_ahead > before
+    assert ahead.engine.core.num_steps_ahead > before
     # the rows wasted on sequences that ended while a step ran ahead count no tokens
     assert [llm.engine.num_generated_tokens - n for llm, n in zip(llms, counted)][0] == (
         ahead.engine.num_generated_tokens - counted[1]
     )
     # The history-reading requests alone never run ahead.
-    before = ahead.engine.num_steps_ahead
+    before = ahead.engine.core.num_steps_ahead
     ahead.generate(prompts[4:5], params[4:5])
-    assert ahead.engine.num_steps_ahead == before
+    assert ahead.engine.core.num_steps_ahead == before
     # One at a time (prefill, then every decode step ahead).
     for prompt, p in list(zip(prompts, params))[:6]:
         _assert_same(ahead.generate([prompt], p), sync.generate([prompt], p))
     for llm in llms:
-        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+        assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
         assert not llm.engine.has_unfinished_requests()
 
 
@@ -85,7 +85,7 @@ def test_abort_while_a_step_runs_ahead(llms):
         engine.add_request(f"a{i}", prompt, greedy)
     for _ in range(4):
         engine.step()
-    assert engine._ahead is not None  # a step is in flight
+    assert engine.core.run_ahead.pending  # a step is in flight
     engine.abort_request("a1")
     finished = {}
     while engine.has_unfinished_requests():
@@ -94,7 +94,7 @@ def test_abort_while_a_step_runs_ahead(llms):
                 finished[out.request_id] = out.outputs[0]
     assert finished["a1"].finish_reason == "abort"
     assert len(finished["a0"].token_ids) == len(finished["a2"].token_ids) == 40
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert engine.core.kv.num_free_blocks == engine.core.kv.num_blocks
 
 
 def test_steps_run_ahead_while_requests_wait_for_a_full_running_set(tiny_models):
@@ -121,15 +121,15 @@ def test_steps_run_ahead_while_requests_wait_for_a_full_running_set(tiny_models)
     for i, prompt in enumerate(prompts[:6]):
         engine.add_request(f"w{i}", prompt, greedy)
     ahead_while_waiting = 0
-    while engine.scheduler.waiting:
-        before = engine.num_steps_ahead
+    while engine.core.scheduler.waiting:
+        before = engine.core.num_steps_ahead
         engine.step()
-        if engine.scheduler.waiting:  # launched while three requests still waited
-            ahead_while_waiting += engine.num_steps_ahead - before
+        if engine.core.scheduler.waiting:  # launched while three requests still waited
+            ahead_while_waiting += engine.core.num_steps_ahead - before
     assert ahead_while_waiting > 0
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert engine.core.kv.num_free_blocks == engine.core.kv.num_blocks
 
 
 def test_stop_strings_end_sequences_while_a_step_runs_ahead(tmp_path):
@@ -156,15 +156,15 @@ def test_stop_strings_end_sequences_while_a_step_runs_ahead(tmp_path):
         for o in sync.generate(prompts, params)
         for c in o.outputs
     ]
-    before = ahead.engine.num_steps_ahead
+    before = ahead.engine.core.num_steps_ahead
     got = [
         (c.text, c.token_ids, c.finish_reason, c.stop_reason)
         for o in ahead.generate(prompts, params)
         for c in o.outputs
     ]
     assert got == expected and any(reason == "stop" for _, _, reason, _ in got)
-    assert ahead.engine.num_steps_ahead > before
-    assert ahead.engine.kv.num_free_blocks == ahead.engine.kv.num_blocks
+    assert ahead.engine.core.num_steps_ahead > before
+    assert ahead.engine.core.kv.num_free_blocks == ahead.engine.core.kv.num_blocks
 
 
 def test_off_by_default_on_a_cpu(tiny_models):

@@ -27,7 +27,7 @@ def test_alone_equals_in_batch_of_16(llm, index):
     batched = llm.generate(prompts, params)
     alone = llm.generate([prompts[index]], [params[index]])[0]
     assert alone.outputs[0].token_ids == batched[index].outputs[0].token_ids
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
 def test_seeded_sampling_repeats_and_seeds_differ(llm):

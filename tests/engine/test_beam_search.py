@@ -51,7 +51,7 @@ def test_beam_search_matches_transformers(arch, width, length_penalty, tiny_mode
         theirs = hf_beams(hf_model, prompt, width, length_penalty=length_penalty)
         ours = our_beams(llm, prompt, width, length_penalty=length_penalty)
         assert [c.token_ids for c in ours] == theirs
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
 # Each case: (our SamplingParams, Hugging Face generate kwargs) built from the unconstrained best beam.
@@ -91,7 +91,7 @@ def test_beam_logits_processors_match_transformers(arch, case, tiny_models, llms
             for word in ours_kwargs.get("bad_words_ids", []):
                 assert not any(c.token_ids[i : i + len(word)] == word for i in range(len(c.token_ids)))
     assert changed, "the processor did not change Hugging Face's beams; the case tests nothing"
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
 def test_beam_min_tokens_then_stop_token(tiny_models, llms):

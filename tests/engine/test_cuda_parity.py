@@ -16,9 +16,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from gptserve import LLM, SamplingParams
+from gptserve.layers.linear import Linear
 from gptserve.layers.tuned_linear import TunedLinear
 from tests.conftest import ARCHS, build_tiny_model, random_prompts
 
@@ -57,7 +57,7 @@ def test_gpu_greedy_matches_transformers(arch, dtype, enforce_eager, tiny_models
     outputs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outputs):
         _check_against_hf(hf_model, prompt, out.outputs[0], dtype)
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
 def _check_against_hf(hf_model: torch.nn.Module, prompt: list[int], completion, dtype: str) -> None:
@@ -90,7 +90,7 @@ def test_lone_prompts_replay_prefill_graphs(arch, tiny_models):
         _check_against_hf(hf_model, prompt, out.outputs[0], "bf16")
     assert graphs.replays["prefill"] == len(prompts)
     assert graphs.replays["decode"] == len(prompts) * (NEW_TOKENS - 1)
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
 # Every weight a GEMV tile divides; half the usual init for four times the width keeps activations and
@@ -115,7 +115,7 @@ def test_one_row_gemv_matches_transformers(arch, tmp_path):
     wrapped = [m for m in net.modules() if isinstance(m, TunedLinear)]
     inner = {id(m.inner) for m in wrapped}
     assert len(wrapped) >= 4 * cpu_model.config.num_hidden_layers and all(1 in m.configs for m in wrapped)
-    assert not [m for m in net.modules() if type(m) is nn.Linear and id(m) not in inner]
+    assert not [m for m in net.modules() if type(m) is Linear and id(m) not in inner]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
     for prompt in random_prompts(2, cpu_model.config.vocab_size, [5, 40], seed=6):
         (out,) = llm.generate([prompt], params)

@@ -18,7 +18,7 @@ def llm(tiny_models):
 def test_prompt_longer_than_max_model_len(llm):
     with pytest.raises(InvalidRequestError, match=r"100 tokens.*64"):
         llm.generate([list(range(100))], SamplingParams(max_tokens=4))
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
 def test_token_id_outside_vocabulary(llm):

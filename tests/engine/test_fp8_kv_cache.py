@@ -29,7 +29,7 @@ def llms(tiny_models):
 def test_fp8_cache_holds_four_times_the_tokens_of_float32(llms):
     full, fp8 = llms
     assert fp8.engine.runner.layers[0].kv_cache.dtype == torch.float8_e4m3fn
-    assert fp8.engine.kv.num_blocks == 4 * full.engine.kv.num_blocks
+    assert fp8.engine.core.kv.num_blocks == 4 * full.engine.core.kv.num_blocks
 
 
 def test_prompts_are_cached_as_their_fp8_rounding_and_decoded(llms):
@@ -76,7 +76,7 @@ def test_shared_blocks_copy_on_write_and_every_block_returns(llms):
     finally:
         del layer.copy_blocks
     assert copies and all(len(c.token_ids) == 20 for o in out for c in o.outputs)
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert engine.core.kv.num_free_blocks == engine.core.kv.num_blocks
 
 
 def test_kv_cache_dtype_flag_and_values():

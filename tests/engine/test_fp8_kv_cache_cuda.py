@@ -39,7 +39,7 @@ def test_fp8_cache_on_cuda(tiny_models, arch):
     assert_first_decode_close(full, fp8, prompts, 6)  # decode steps replayed from graphs
     assert fp8.engine.runner.graphs is not None and fp8.engine.runner.graphs.replays["decode"] > 0
     for llm in (full, fp8):
-        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+        assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
         llm.close()
 
 
@@ -55,5 +55,5 @@ def test_fp8_cache_prefix_hit_reads_the_cache(tiny_models):
     first_cold, first_warm = dict(cold.outputs[0].logprobs[0].top), dict(warm.outputs[0].logprobs[0].top)
     shared = first_cold.keys() & first_warm.keys()
     assert shared and max(abs(first_cold[t] - first_warm[t]) for t in shared) < 0.5
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
     llm.close()

@@ -29,4 +29,4 @@ def test_greedy_and_logprobs_match_transformers(arch, tiny_models):
             for (_, lp), ref in zip(entry.top, ref_top.values.tolist()):
                 assert abs(lp - ref) < 1e-4
             assert abs(entry.logprob - ref_logprobs[step, entry.token_id].item()) < 1e-4
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks

@@ -9,26 +9,18 @@ import asyncio
 import pytest
 
 from gptserve import LLM, SamplingParams
+from gptserve.engine.core_io import EngineCoreOutput, SeqDelta
 from gptserve.engine.output_processor import OutputProcessor
-from gptserve.outputs import CompletionOutput, RequestOutput
-from gptserve.server.async_engine import AsyncEngine
+from gptserve.frontend.async_engine import AsyncEngine
 from tests.conftest import build_tiny_model, gpt2_tokenizer
 
 EOS = 50256
 
 
-def _step(request_id: str, seqs: dict[int, list[int]], new: dict[int, list[int]], **finish) -> RequestOutput:
-    outputs = [
-        CompletionOutput(
-            index=i,
-            text="",
-            token_ids=list(ids),
-            delta_token_ids=list(new.get(i, [])),
-            finish_reason=finish.get(f"reason{i}"),
-        )  # fmt: skip
-        for i, ids in seqs.items()
-    ]
-    return RequestOutput(request_id, None, [1, 2], outputs, finished=finish.get("finished", False))
+def _step(request_id: str, new: dict[int, list[int]], **finish) -> EngineCoreOutput:
+    """The core's news for one step: the tokens each sequence gained, and how it ended if it did."""
+    seqs = [SeqDelta(i, list(ids), None, 0.0, finish.get(f"reason{i}")) for i, ids in new.items()]
+    return EngineCoreOutput(request_id, seqs, finished=finish.get("finished", False))
 
 
 def test_stop_string_across_tokens_truncates_and_reports_the_stop() -> None:
@@ -38,7 +30,7 @@ def test_stop_string_across_tokens_truncates_and_reports_the_stop() -> None:
     processor.add_request("r", tok.encode("Say:"), SamplingParams(stop=["o w"], max_tokens=50))
     texts, stopped_at = [], None
     for k in range(1, len(ids) + 1):
-        out, stopped = processor.process(_step("r", {0: ids[:k]}, {0: ids[k - 1 : k]}))
+        out, stopped = processor.process(_step("r", {0: ids[k - 1 : k]}))
         assert out is not None
         texts.append(out.outputs[0].delta_text)
         if stopped:
@@ -50,7 +42,7 @@ def test_stop_string_across_tokens_truncates_and_reports_the_stop() -> None:
     assert c.token_ids == ids[:stopped_at]  # up to the token that completed the stop string
     assert "r" not in processor  # nothing kept for a finished request
     # The engine may report the request once more before it learns of the stop: dropped.
-    assert processor.process(_step("r", {0: ids[: stopped_at + 1]}, {0: [ids[stopped_at]]})) == (None, [])
+    assert processor.process(_step("r", {0: [ids[stopped_at]]})) == (None, [])
 
 
 def test_one_of_n_stops_others_go_on_and_the_stopped_one_stays_frozen() -> None:
@@ -58,10 +50,10 @@ def test_one_of_n_stops_others_go_on_and_the_stopped_one_stays_frozen() -> None:
     a, b = tok.encode(" cat sat"), tok.encode(" dog ran far")
     processor = OutputProcessor(tok, [EOS])
     processor.add_request("r", [1, 2], SamplingParams(n=2, stop=["sat"], max_tokens=3))
-    out, stopped = processor.process(_step("r", {0: a[:2], 1: b[:2]}, {0: a[:2], 1: b[:2]}))
+    out, stopped = processor.process(_step("r", {0: a[:2], 1: b[:2]}))
     assert stopped == [0] and not out.finished
     assert out.outputs[0].text == " cat " and out.outputs[1].text == tok.decode(b[:2])
-    out, stopped = processor.process(_step("r", {0: a[:2] + [7], 1: b}, {0: [7], 1: b[2:]}, reason1="length"))
+    out, stopped = processor.process(_step("r", {0: [7], 1: b[2:]}, reason1="length"))
     assert stopped == [] and out.finished
     first, second = out.outputs
     assert first.text == " cat " and first.token_ids == a[:2] and first.delta_text == ""
@@ -73,9 +65,9 @@ def test_eos_adds_no_text_and_held_text_is_flushed() -> None:
     ids = tok.encode(" the end")
     processor = OutputProcessor(tok, [EOS])
     processor.add_request("r", [1], SamplingParams(stop=["end!"], max_tokens=9))
-    out, _ = processor.process(_step("r", {0: ids}, {0: ids}))
+    out, _ = processor.process(_step("r", {0: ids}))
     assert out.outputs[0].text == " the "  # " end" may begin "end!": held back
-    out, _ = processor.process(_step("r", {0: ids + [EOS]}, {0: [EOS]}, reason0="stop", finished=True))
+    out, _ = processor.process(_step("r", {0: [EOS]}, reason0="stop", finished=True))
     assert out.finished and out.outputs[0].text == " the end" and out.outputs[0].delta_text == "end"
 
 
@@ -113,7 +105,7 @@ def test_stop_string_through_async_engine_matches_offline_and_stops_the_engine(g
                 if not gpt2_llm.engine.has_unfinished_requests():
                     break
                 await asyncio.sleep(0.01)
-            assert gpt2_llm.engine.kv.num_free_blocks == gpt2_llm.engine.kv.num_blocks
+            assert gpt2_llm.engine.core.kv.num_free_blocks == gpt2_llm.engine.core.kv.num_blocks
             assert gpt2_llm.engine.num_generated_tokens - before <= len(expected.token_ids) + 2
             assert not engine.processor._requests
         finally:

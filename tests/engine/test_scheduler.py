@@ -8,7 +8,7 @@ import pytest
 
 from gptserve.config import SchedulerConfig
 from gptserve.engine.kv_cache_manager import KVCacheManager
-from gptserve.engine.scheduler import Scheduler, SchedulerOutput
+from gptserve.engine.scheduler import SampledToken, Scheduler, SchedulerOutput
 from gptserve.engine.sequence import Request, RequestStatus, Sequence
 from gptserve.sampling_params import SamplingParams
 
@@ -31,11 +31,11 @@ def next_token(seq: Sequence) -> int:
 
 
 def apply_step(scheduler: Scheduler, out: SchedulerOutput) -> list[Request]:
-    """What the engine does with a scheduled step once the model ran (`LLMEngine.step_tokens` today):
-    fail the requests that can never fit, count the computed tokens and cache their full blocks, fork
-    an n > 1 request at its first sampling point, append a token to every sequence that samples, end
-    the sequences that reached `max_tokens` (freeing their blocks) and finish requests with none left.
-    Returns the requests that finished."""
+    """What the engine core does with a scheduled step once the model ran: fail the requests that can
+    never fit, record the computed tokens (`Scheduler.record_computed`), fork an n > 1 request at its
+    first sampling point, and hand every sampling sequence's token to `Scheduler.update`, which appends
+    it, ends the sequences that reached `max_tokens` (freeing their blocks) and finishes requests with
+    none left. Returns the requests that finished."""
     kv = scheduler.kv
     finished = []
     for request in out.failed:
@@ -43,13 +43,12 @@ def apply_step(scheduler: Scheduler, out: SchedulerOutput) -> list[Request]:
             seq.finish_reason = "abort"
         scheduler.finish(request)
         finished.append(request)
-    for item in out.scheduled:
-        item.seq.num_computed_tokens += item.num_new_tokens
-        kv.cache_full_blocks(item.seq)
+    scheduler.record_computed(out.scheduled)
     sampling: dict[Request, list[Sequence]] = {}
     for item in out.scheduled:
         if item.sample:
             sampling.setdefault(item.request, []).append(item.seq)
+    sampled = []
     for request, seqs in sampling.items():
         if not request.forked:
             request.forked = True
@@ -59,14 +58,9 @@ def apply_step(scheduler: Scheduler, out: SchedulerOutput) -> list[Request]:
                 kv.share(child)
                 request.seqs.append(child)
                 seqs.append(child)
-        for seq in seqs:
-            seq.token_ids.append(next_token(seq))
-            if seq.num_output_tokens >= request.params.max_tokens:
-                seq.finish_reason = "length"
-                kv.free(seq)
-        if not request.live_seqs:
-            scheduler.finish(request)
-            finished.append(request)
+        sampled += [SampledToken(request, seq, next_token(seq), 0.0, None) for seq in seqs]
+    scheduler.update(sampled)
+    finished += [request for request in sampling if request.finished]
     return finished
 
 
@@ -226,11 +220,6 @@ def test_forked_samples_copy_the_shared_partial_block_on_their_first_write():
     assert_all_blocks_free(sched)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KVCacheManager.blocks_needed counts a copy of the shared partial block for every sequence "
-    "holding it, though the last holder writes in place: the request is failed as never fitting",
-)
 def test_forked_request_that_fits_exactly_is_not_failed():
     # Two samples of a 6-token prompt, 8 tokens each: the shared full block and one partial block each.
     sched = make_scheduler(num_blocks=3)
@@ -348,7 +337,7 @@ def test_oversized_request_waits_for_running_ones_then_fails():
 
 # ------------------------------------------------------------------------------------------- finishing
 def test_finish_aborts_waiting_and_running_requests_and_frees_their_blocks():
-    sched = make_scheduler(max_num_seqs=2)
+    sched = make_scheduler(max_num_seqs=3)  # the two samples and "other"
     forked = make_request("forked", range(6), max_tokens=50, n=2)
     other = make_request("other", range(50, 70), max_tokens=50)
     queued = make_request("queued", range(80, 90), max_tokens=50)
@@ -381,3 +370,76 @@ def test_mixed_workload_under_pressure_ends_with_every_block_free():
         assert all(len(s.output_token_ids) == r.params.max_tokens for s in r.seqs)
         assert len(r.seqs) == r.params.n
     assert_all_blocks_free(sched)
+
+
+def test_unforked_request_counts_its_samples_when_admitted():
+    # Before its prompt is computed an n = 3 request has one sequence, but it will run three.
+    sched = make_scheduler(max_num_seqs=3)
+    first = make_request("first", range(4))
+    wide = make_request("wide", range(10, 16), n=3)
+    sched.add(first)
+    sched.add(wide)
+    out = sched.schedule()
+    assert set(planned(out)) == {"first"} and list(sched.waiting) == [wide]
+    run_to_completion(sched)
+    assert first.finished and wide.finished and len(wide.seqs) == 3
+    assert_all_blocks_free(sched)
+
+
+def test_a_lookup_given_back_for_lack_of_blocks_counts_once():
+    sched = make_scheduler(num_blocks=4)
+    big = make_request("big", range(12), max_tokens=2)
+    sched.add(big)
+    apply_step(sched, sched.schedule())  # 3 blocks held
+    late = make_request("late", range(50, 62), max_tokens=2)
+    sched.add(late)
+    for _ in range(2):  # no room: its lookup is given back each step
+        apply_step(sched, sched.schedule())
+    run_to_completion(sched)
+    assert sched.kv.prefix_queries == 24  # 12 tokens each, however often "late" was tried
+    assert_all_blocks_free(sched)
+
+
+def _update_one(sched: Scheduler, params: SamplingParams, tokens: list[int]) -> Sequence:
+    """Feed `tokens` to one admitted sequence through `Scheduler.update`, stopping once it ended."""
+    request = Request("r", None, [1, 2, 3], params, [Sequence([1, 2, 3], 3)])
+    sched.add(request)
+    sched.record_computed(sched.schedule().scheduled)
+    seq = request.seqs[0]
+    for token in tokens:
+        if seq.finished:
+            break
+        sched.update([SampledToken(request, seq, token, -0.5, [] if params.logprobs is not None else None)])
+    return seq
+
+
+@pytest.mark.parametrize(
+    ("params", "tokens", "output", "reason", "stop_reason"),
+    [
+        (SamplingParams(max_tokens=9), [7, 99, 8], [7, 99], "stop", None),  # EOS (99)
+        (SamplingParams(max_tokens=9, ignore_eos=True), [7, 99, 8], [7, 99, 8], None, None),
+        (SamplingParams(max_tokens=9, stop_token_ids=[8]), [7, 8, 9], [7, 8], "stop", 8),
+        (SamplingParams(max_tokens=9, min_tokens=3), [99, 7, 99, 5], [99, 7, 99], "stop", None),
+        (
+            SamplingParams(max_tokens=9, stop_token_sequences=[[5, 6]]),
+            [5, 7, 5, 6, 1],
+            [5, 7, 5, 6],
+            "stop",
+            None,
+        ),
+        (SamplingParams(max_tokens=2), [7, 8, 9], [7, 8], "length", None),
+    ],
+)
+def test_update_appends_tokens_and_applies_stop_conditions(params, tokens, output, reason, stop_reason):
+    sched = Scheduler(SchedulerConfig(max_model_len=64), KVCacheManager(16, BS), eos_token_ids=[99])
+    seq = _update_one(sched, params, tokens)
+    assert (seq.output_token_ids, seq.finish_reason, seq.stop_reason) == (output, reason, stop_reason)
+    if reason is not None:
+        assert not seq.block_ids and sched.kv.num_free_blocks == 16  # an ended sequence's blocks are back
+
+
+def test_update_ends_a_sequence_at_the_context_length_and_keeps_logprobs():
+    sched = Scheduler(SchedulerConfig(max_model_len=5), KVCacheManager(16, BS), eos_token_ids=[99])
+    seq = _update_one(sched, SamplingParams(max_tokens=None, logprobs=0), [7, 8, 9])
+    assert seq.output_token_ids == [7, 8] and seq.finish_reason == "length"
+    assert seq.cumulative_logprob == -1.0 and [lp.token_id for lp in seq.logprobs] == [7, 8]

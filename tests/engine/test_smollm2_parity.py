@@ -36,7 +36,7 @@ def llm():
 def test_tokenizer_matches_without_extra_bos(llm, hf_smollm2):
     hf_tokenizer, _ = hf_smollm2
     for prompt in PROMPTS:
-        ids = llm.engine.tokenize(prompt)
+        ids = llm.engine.input_processor.tokenize(prompt)
         assert ids == hf_tokenizer(prompt)["input_ids"]
         assert ids[0] != hf_tokenizer.bos_token_id
 

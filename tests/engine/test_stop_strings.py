@@ -46,7 +46,7 @@ def test_stop_string_spanning_tokens(llm, greedy, prompt):
     out = llm.generate(prompt, params)[0].outputs[0]
     assert out.text == expected
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
 def test_include_stop_str_in_output(llm, greedy, prompt):

@@ -179,8 +179,8 @@ def test_async_scheduling_under_tp2(odd_vocab_models):
     two = LLM(path, tensor_parallel_size=2, async_scheduling=True, **ENGINE)
     try:
         got = [o.outputs[0] for o in two.generate(PROMPTS, params)]
-        assert two.engine.num_steps_ahead > 0
-        assert two.engine.kv.num_free_blocks == two.engine.kv.num_blocks
+        assert two.engine.core.num_steps_ahead > 0
+        assert two.engine.core.kv.num_free_blocks == two.engine.core.kv.num_blocks
     finally:
         two.close()
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]

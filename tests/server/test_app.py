@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gptserve import LLM
-from gptserve.server import ServerConfig, build_app
+from gptserve.app import ServerConfig, build_app
 
 BODY = {"prompt": [5, 17, 42, 7], "max_tokens": 2, "temperature": 0}
 
@@ -35,14 +35,14 @@ def _serve(llm: LLM, config: ServerConfig, body) -> None:
 
 def test_queue_limit_is_503_with_retry_after(llm: LLM) -> None:
     gate = threading.Event()
-    step = llm.engine.step_tokens
+    step = llm.engine.core.step
 
     def held_step():
         gate.wait()
         return step()
 
     async def body(http: httpx.AsyncClient) -> None:
-        llm.engine.step_tokens = held_step
+        llm.engine.core.step = held_step
         try:
             first = [asyncio.create_task(http.post("/v1/completions", json=BODY)) for _ in range(2)]
             await asyncio.sleep(0.2)  # both are queued behind the held step
@@ -51,7 +51,7 @@ def test_queue_limit_is_503_with_retry_after(llm: LLM) -> None:
             assert refused.json()["error"]["code"] == "queue_full"
         finally:
             gate.set()
-            del llm.engine.step_tokens
+            del llm.engine.core.step
         assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
 
     _serve(llm, ServerConfig(max_queue_len=2), body)
@@ -63,7 +63,7 @@ def test_dead_engine_is_503(llm: LLM) -> None:
 
     async def body(http: httpx.AsyncClient) -> None:
         assert (await http.get("/health")).status_code == 200
-        llm.engine.step_tokens = broken_step
+        llm.engine.core.step = broken_step
         try:
             r = await http.post("/v1/completions", json=BODY)
             assert r.status_code == 503 and "simulated" in r.json()["error"]["message"]
@@ -71,8 +71,8 @@ def test_dead_engine_is_503(llm: LLM) -> None:
             assert health.status_code == 503 and "simulated" in health.json()["error"]["message"]
             assert (await http.post("/v1/completions", json=BODY)).status_code == 503
         finally:
-            del llm.engine.step_tokens
-            for request_id in list(llm.engine.requests):
+            del llm.engine.core.step
+            for request_id in list(llm.engine.core.requests):
                 llm.engine.abort_request(request_id)
 
     _serve(llm, ServerConfig(), body)

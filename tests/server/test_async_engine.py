@@ -9,8 +9,8 @@ import time
 import pytest
 
 from gptserve import LLM, SamplingParams
-from gptserve.errors import InvalidRequestError
-from gptserve.server.async_engine import AsyncEngine, EngineDeadError
+from gptserve.errors import EngineDeadError, InvalidRequestError
+from gptserve.frontend.async_engine import AsyncEngine
 
 PROMPT = [5, 17, 42, 7, 99, 3]
 
@@ -82,14 +82,14 @@ def test_cancel_aborts_and_frees_kv(llm: LLM) -> None:
         assert engine.stats.kv_cache_usage > 0
         task.cancel()  # what a client disconnect does to its handler
         await _until(lambda: engine.stats.num_running == 0 and engine.stats.kv_cache_usage == 0, timeout=5)
-        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+        assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
     _run(llm, body)
 
 
 def test_idle_thread_sleeps(llm: LLM) -> None:
     calls = 0
-    step = llm.engine.step_tokens
+    step = llm.engine.core.step
 
     def counting_step():
         nonlocal calls
@@ -97,14 +97,14 @@ def test_idle_thread_sleeps(llm: LLM) -> None:
         return step()
 
     async def body(engine: AsyncEngine) -> None:
-        llm.engine.step_tokens = counting_step
+        llm.engine.core.step = counting_step
         try:
             [o async for o in engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0), "idle")]
             settled = calls
             await asyncio.sleep(0.3)
             assert calls == settled, "the engine thread steps while there is nothing to do"
         finally:
-            del llm.engine.step_tokens
+            del llm.engine.core.step
 
     _run(llm, body)
 
@@ -116,7 +116,7 @@ def test_engine_death_is_reported(llm: LLM) -> None:
     async def body(engine: AsyncEngine) -> None:
         died: list[BaseException] = []
         engine.on_dead.append(died.append)
-        llm.engine.step_tokens = broken_step
+        llm.engine.core.step = broken_step
         try:
             with pytest.raises(EngineDeadError, match="simulated"):
                 async for _ in engine.generate(PROMPT, SamplingParams(max_tokens=4), "doomed"):
@@ -124,9 +124,9 @@ def test_engine_death_is_reported(llm: LLM) -> None:
             await _until(lambda: bool(died))
             assert engine.dead and isinstance(died[0], RuntimeError)
             with pytest.raises(EngineDeadError):
-                await engine.add_request("after", PROMPT, SamplingParams(max_tokens=1))
+                engine.add_request(engine.inputs.process("after", PROMPT, SamplingParams(max_tokens=1)))
         finally:
-            del llm.engine.step_tokens
+            del llm.engine.core.step
             llm.engine.abort_request("doomed")
 
     _run(llm, body)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gptserve.errors import GptServeError
-from gptserve.server.chat_template import ChatTemplate, load_template_source, message_dicts
-from gptserve.server.errors import APIError
+from gptserve.engine.chat_template import ChatTemplate, load_template_source
+from gptserve.errors import GptServeError, InvalidRequestError
+from gptserve.frontend.api_error import APIError
+from gptserve.server.chat_messages import message_dicts
 from gptserve.server.openai_protocol import ChatMessage
 
 CHATML = (
@@ -38,15 +39,15 @@ def test_special_tokens_and_tojson() -> None:
     ],
 )
 def test_sandbox_refusals_are_400(source: str) -> None:
-    with pytest.raises(APIError) as e:
+    with pytest.raises(InvalidRequestError) as e:
         ChatTemplate(source).render([{"role": "user", "content": "hi"}])
-    assert e.value.status == 400 and e.value.param == "messages"
+    assert e.value.http_status == 400 and e.value.param == "messages"
 
 
 def test_missing_template_is_a_clear_400() -> None:
-    with pytest.raises(APIError) as e:
+    with pytest.raises(InvalidRequestError) as e:
         ChatTemplate(None).render([{"role": "user", "content": "hi"}])
-    assert e.value.status == 400 and "--chat-template" in e.value.message
+    assert e.value.http_status == 400 and "--chat-template" in str(e.value)
 
 
 def test_template_sources(tmp_path) -> None:

@@ -19,7 +19,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from gptserve import LLM
-from gptserve.server import ServerConfig, build_app
+from gptserve.app import ServerConfig, build_app
 from tests.server.conftest import free_port
 
 BODY = {"prompt": [5, 17, 42, 7], "max_tokens": 2, "temperature": 0}
@@ -71,7 +71,7 @@ def grpc_inputs(output_len: int) -> list[InferInput]:
 async def idle(llm: LLM, within: float = 30.0) -> None:
     """Wait until the engine holds no request and no KV block."""
     deadline = time.monotonic() + within
-    while llm.engine.requests or llm.engine.kv.usage > 0:
+    while llm.engine.core.requests or llm.engine.core.kv.usage > 0:
         assert time.monotonic() < deadline, "the engine kept requests or KV blocks"
         await asyncio.sleep(0.05)
 
@@ -82,29 +82,29 @@ class HeldEngine:
     def __init__(self, llm: LLM):
         self.llm = llm
         self.gate = threading.Event()
-        step = llm.engine.step_tokens
+        step = llm.engine.core.step
 
         def held_step():
             self.gate.wait()
             return step()
 
-        llm.engine.step_tokens = held_step
+        llm.engine.core.step = held_step
 
     def release(self) -> None:
         self.gate.set()
-        del self.llm.engine.step_tokens
+        del self.llm.engine.core.step
 
 
 def slow_steps(llm: LLM, seconds: float) -> Callable[[], None]:
     """Make every engine step take `seconds`; returns the undo."""
-    step = llm.engine.step_tokens
+    step = llm.engine.core.step
 
     def slow_step():
         time.sleep(seconds)
         return step()
 
-    llm.engine.step_tokens = slow_step
-    return lambda: delattr(llm.engine, "step_tokens")
+    llm.engine.core.step = slow_step
+    return lambda: delattr(llm.engine.core, "step")
 
 
 def test_queue_limit_on_kserve_http_and_grpc(llm: LLM) -> None:

@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput
 
 from gptserve import LLM
-from gptserve.server import ServerConfig, build_app
+from gptserve.app import ServerConfig, build_app
 from tests.server.conftest import free_port
 
 BODY = {"prompt": [5, 17, 42, 7], "max_tokens": 3, "temperature": 0}

@@ -28,8 +28,8 @@ from tritonclient.utils import InferenceServerException
 from gptserve.engine.builder import build_engine
 from gptserve.engine.engine_options import EngineOptions
 from gptserve.engine.llm_engine import LLMEngine
-from gptserve.server.async_engine import AsyncEngine
-from gptserve.server.metrics import ServerMetrics
+from gptserve.frontend.async_engine import AsyncEngine
+from gptserve.frontend.metrics import ServerMetrics
 from gptserve.triton.grpc_server import start_grpc_server
 from gptserve.triton.registry import ModelRegistry
 from tests.conftest import build_tiny_model, hf_greedy
@@ -78,8 +78,8 @@ class Served:
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Until the engine holds no request and no KV block."""
         deadline = time.monotonic() + timeout
-        while self.engine.has_unfinished_requests() or self.engine.kv.usage > 0:
-            assert time.monotonic() < deadline, f"engine still busy, kv usage {self.engine.kv.usage}"
+        while self.engine.has_unfinished_requests() or self.engine.core.kv.usage > 0:
+            assert time.monotonic() < deadline, f"engine still busy, kv usage {self.engine.core.kv.usage}"
             time.sleep(0.02)
 
 
@@ -390,7 +390,7 @@ def test_closing_a_stream_aborts_its_requests_and_frees_kv(served: Served) -> No
         rid, final, _, error = collector.get()
         assert error is None and not final
         seen.add(rid)
-    assert served.engine.kv.usage > 0
+    assert served.engine.core.kv.usage > 0
     client.stop_stream(cancel_requests=True)
     served.wait_idle(timeout=30)
     assert served.aborted() == aborted + 2

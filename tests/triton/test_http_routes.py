@@ -17,8 +17,8 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import model_config_pb2 as mc
 
 from gptserve import LLM
-from gptserve.server import ServerConfig, build_app
-from gptserve.server.async_engine import AsyncEngine
+from gptserve.app import ServerConfig, build_app
+from gptserve.frontend.async_engine import AsyncEngine
 from gptserve.triton.http_codec import HEADER_LENGTH
 from gptserve.triton.llm_model import LLMModel, served_config
 from gptserve.triton.types import TritonError, TritonModel, not_found

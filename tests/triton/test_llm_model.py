@@ -63,12 +63,13 @@ def token_request(prompts, output_len, **scalars) -> InferRequest:
 
 
 def wait_kv_free(engine, timeout: float = 10.0) -> None:
+    core = engine.core
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if engine.kv.usage == 0 and not engine.requests:
+        if core.kv.usage == 0 and not core.requests:
             return
         time.sleep(0.02)
-    raise AssertionError(f"KV cache still in use: {engine.kv.usage}, requests {list(engine.requests)}")
+    raise AssertionError(f"KV cache still in use: {core.kv.usage}, requests {list(core.requests)}")
 
 
 def test_repository_index(setup):
@@ -336,7 +337,7 @@ def test_served_model_token_and_text_forms(setup, tmp_path):
 
 def test_served_text_form_streams_deltas(tmp_path):
     from gptserve.engine.builder import build_engine
-    from gptserve.server.async_engine import AsyncEngine
+    from gptserve.frontend.async_engine import AsyncEngine
     from gptserve.triton.llm_model import LLMModel
     from tests.conftest import gpt2_tokenizer
 

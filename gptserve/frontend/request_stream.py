@@ -1,6 +1,7 @@
-"""`RequestStream`: the outputs of one engine request as the event loop receives them.
+"""`RequestStream`: the outputs of one engine request as the event loop receives them, and the ways
+front-ends read several at once (`merge_streams`) or give them up (`abort_all`).
 
-The engine thread hands over one output per step; a consumer that fell behind gets the backlog folded
+The output processor hands over one output per step; a consumer that fell behind gets the backlog folded
 into one output (text and token deltas joined), so a slow client costs one message, not many.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
+from gptserve.frontend.request_log import RequestRecord, current_record
 from gptserve.outputs import RequestOutput
-from gptserve.server.request_log import RequestRecord, current_record
 
 
 def _merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
@@ -36,7 +37,6 @@ class RequestStream:
         self._items: deque[RequestOutput | BaseException] = deque()
         self._ready = asyncio.Event()
         self._done = False
-        self.admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -77,3 +77,62 @@ class RequestStream:
             self._done = True
             self._ready.set()
             self._on_abort(self.request_id)
+
+
+async def merge_batches(
+    streams: Sequence[RequestStream],
+) -> AsyncIterator[list[tuple[int, RequestOutput | None]]]:
+    """What all `streams` delivered since the last batch, as (position of the stream, output) pairs, with
+    None for a stream that ended; a stream's failure is raised here. Outputs of one engine step arrive
+    in one batch."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            batch: list[tuple[int, RequestOutput | None]] = []
+            for i, item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                batch.append((i, item))
+            yield batch
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def merge_streams(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(position of the stream, output) from all `streams` as outputs arrive; a stream's failure is
+    raised here."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    batches = merge_batches(streams)
+    try:
+        async for batch in batches:
+            for i, out in batch:
+                if out is not None:
+                    yield i, out
+    finally:
+        await batches.aclose()
+
+
+def abort_all(streams: Sequence[RequestStream]) -> None:
+    for stream in streams:
+        stream.abort()

@@ -1,14 +1,16 @@
-"""`AsyncEngine`: the engine core on its own thread, with an asyncio face for the HTTP server.
+"""`AsyncEngine`: the engine core on its own thread, with an asyncio face for both front-ends.
 
-One dedicated thread owns the `LLMEngine` and is the only code that touches it. It never waits on HTTP:
-new requests and aborts reach it through an inbox (a list under a condition variable, held only for an
-append or a swap) that it drains at the top of every step; the token ids a step produced go back to the
-event loop in one `loop.call_soon_threadsafe` call, which never blocks. Detokenization and stop strings
-run on the event loop (`OutputProcessor`); a sequence a stop string ended is stopped in the engine
-through the inbox, and tokens it produced meanwhile are dropped. When there is nothing to do the thread
-sleeps on the condition variable. On the event loop side each request has a `RequestStream` that the
-HTTP handler iterates; leaving the iteration early (a client that went away) aborts the request in the
-engine at once, which frees its KV blocks in the next iteration of the thread.
+One dedicated thread owns the `EngineCore` and is the only code that touches it. It never waits on HTTP,
+tokenization or detokenization: requests arrive already validated by the input processor, and new
+requests, aborts and stop-string endings reach it through an inbox (a list under a condition variable,
+held only for an append or a swap) that it drains at the top of every step; the token deltas a step
+produced go back to the event loop in one `loop.call_soon_threadsafe` call, which never blocks.
+Admission does not wait for the thread: `add_request` returns the request's stream at once (a request
+the core can never fit comes back as an error output). Accumulation, detokenization and stop strings run
+on the event loop (`OutputProcessor`); a sequence a stop string ended is stopped in the core through the
+inbox, and tokens it produced meanwhile are dropped. When there is nothing to do the thread sleeps on
+the condition variable. Leaving a `RequestStream`'s iteration early (a client that went away) aborts
+the request in the core at once, which frees its KV blocks in the next iteration of the thread.
 """
 
 from __future__ import annotations
@@ -21,19 +23,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from gptserve.engine.core_io import EngineCoreOutput, EngineCoreRequest
 from gptserve.engine.llm_engine import LLMEngine
 from gptserve.engine.output_processor import OutputProcessor
-from gptserve.errors import GptServeError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from gptserve.errors import EngineDeadError, InvalidRequestError, QueueFullError, RequestTimeoutError
+from gptserve.frontend.metrics import EngineStats, ServerMetrics
+from gptserve.frontend.request_stream import RequestStream
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
-from gptserve.server.metrics import EngineStats, ServerMetrics
-from gptserve.server.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(GptServeError):
-    """The engine thread stopped (crashed or shut down); no request can be served any more."""
 
 
 class AsyncEngine:
@@ -45,6 +44,8 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics | None = None):
         self.engine = engine
+        self.core = engine.core
+        self.inputs = engine.input_processor
         self.metrics = metrics
         self.max_queue_len: int | None = None
         self.request_timeout: float | None = None
@@ -57,7 +58,7 @@ class AsyncEngine:
         self._inbox: list[tuple[Any, ...]] = []
         self._stopping = False
         self._streams: dict[str, RequestStream] = {}
-        self._num_unadmitted = 0
+        self._num_unadmitted = 0  # added on the event loop, not yet seen by the engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -76,15 +77,9 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer: send token ids instead of text", "prompt")
-        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
     @property
     def queue_depth(self) -> int:
-        """Requests not yet running: waiting in the scheduler or not yet admitted."""
+        """Requests not yet running: waiting in the scheduler or not yet seen by the engine thread."""
         return self.stats.num_waiting + self._num_unadmitted
 
     def check_capacity(self, num_requests: int) -> None:
@@ -93,28 +88,37 @@ class AsyncEngine:
         if limit is not None and self.queue_depth + num_requests > limit:
             raise QueueFullError(f"the server is at its queue limit ({limit} waiting requests); retry later")
 
-    async def add_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> RequestStream:
-        """Queue a request and wait until the engine admitted it; raises `InvalidRequestError` if it
-        refused it, `EngineDeadError` if the engine is gone."""
+    def check_alive(self) -> None:
         if self.dead or self._stopping or self._loop is None:
             raise EngineDeadError("the engine is not running")
+
+    def add_request(self, request: EngineCoreRequest, prompt: str | None = None) -> RequestStream:
+        """Queue a request the input processor produced; returns its stream at once. Raises
+        `EngineDeadError` if the engine is gone."""
+        self.check_alive()
+        request_id = request.request_id
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        stream = RequestStream(request_id, len(prompt_token_ids), self.abort)
+        num_prompt_tokens = len(request.prompt_token_ids)
+        stream = RequestStream(request_id, num_prompt_tokens, self.abort)
         self._streams[request_id] = stream
-        self.processor.add_request(request_id, list(prompt_token_ids), params)
+        self.processor.add_request(request_id, request.prompt_token_ids, request.params, prompt)
+        if stream.log_record is not None:
+            stream.log_record.prompt_tokens += num_prompt_tokens
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(num_prompt_tokens)
         self._num_unadmitted += 1
-        self._submit(("add", request_id, list(prompt_token_ids), params))
-        try:
-            await stream.admitted
-        except asyncio.CancelledError:
-            self.abort(request_id)  # queued behind the add, so it always finds the request
-            raise
+        self._submit(("add", request))
         if self.request_timeout is not None and self._loop is not None:
             self._loop.call_later(self.request_timeout, self._expire, request_id, stream)
         return stream
+
+    def admit(self, requests: Sequence[EngineCoreRequest]) -> list[RequestStream]:
+        """Queue several requests together (the prompts of one API call, the rows of one Triton batch):
+        all of them or, when the queue limit or a dead engine refuses, none."""
+        self.check_alive()
+        self.check_capacity(len(requests))
+        return [self.add_request(r) for r in requests]
 
     def _expire(self, request_id: str, stream: RequestStream) -> None:
         """The request outlived `request_timeout`: abort it in the engine and fail its stream."""
@@ -136,8 +140,8 @@ class AsyncEngine:
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them; closing the iterator early aborts it."""
-        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        stream = await self.add_request(request_id, token_ids, params)
+        request = self.inputs.process(request_id, prompt, params)
+        stream = self.add_request(request, prompt if isinstance(prompt, str) else None)
         try:
             async for out in stream:
                 yield out
@@ -153,33 +157,13 @@ class AsyncEngine:
             self._cond.notify()
 
     def _deliver(
-        self,
-        admitted: list[tuple[str, BaseException | None]],
-        outputs: list[RequestOutput],
-        now: float,
-        stats: EngineStats,
+        self, num_admitted: int, outputs: list[EngineCoreOutput], now: float, stats: EngineStats
     ) -> None:
         """Runs on the event loop: hand one engine iteration's results to their streams."""
         self.stats = stats
-        for request_id, error in admitted:
-            self._num_unadmitted -= 1
-            stream = self._streams.get(request_id)
-            if stream is None:
-                continue
-            if error is not None:
-                self.processor.drop(request_id)
-                del self._streams[request_id]
-                if not stream.admitted.done():
-                    stream.admitted.set_exception(error)
-                continue
-            if stream.log_record is not None:
-                stream.log_record.prompt_tokens += stream.num_prompt_tokens
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(stream.num_prompt_tokens)
-            if not stream.admitted.done():
-                stream.admitted.set_result(None)
-        for engine_out in outputs:
-            out, stopped = self.processor.process(engine_out)
+        self._num_unadmitted -= num_admitted
+        for core_out in outputs:
+            out, stopped = self.processor.process(core_out)
             if out is None:
                 continue
             for c in out.outputs:
@@ -218,10 +202,7 @@ class AsyncEngine:
         for request_id in streams:
             self.processor.drop(request_id)
         for stream in streams.values():
-            if not stream.admitted.done():
-                stream.admitted.set_exception(error)
-            else:
-                stream.put(error)
+            stream.put(error)
 
     def _died(self, error: BaseException) -> None:
         self._fail_all(EngineDeadError(f"the engine failed: {type(error).__name__}: {error}"))
@@ -230,21 +211,21 @@ class AsyncEngine:
 
     # --------------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
-        engine = self.engine
+        core = self.core
         try:
             while True:
                 with self._cond:
-                    while not (self._inbox or self._stopping or engine.has_unfinished_requests()):
+                    while not (self._inbox or self._stopping or core.has_unfinished_requests()):
                         self._cond.wait()
                     commands, self._inbox = self._inbox, []
                     stopping = self._stopping
                 if stopping:
                     return
-                admitted = self._apply(commands)
-                outputs = engine.step_tokens() if engine.has_unfinished_requests() else []
+                num_admitted = self._apply(commands)
+                outputs = core.step() if core.has_unfinished_requests() else []
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(
-                    self._deliver, admitted, outputs, time.monotonic(), self._snapshot()
+                    self._deliver, num_admitted, outputs, time.monotonic(), self._snapshot()
                 )
         except BaseException as e:
             logger.exception("the engine thread failed; the server is no longer able to serve")
@@ -255,29 +236,26 @@ class AsyncEngine:
                 with contextlib.suppress(RuntimeError):
                     self._loop.call_soon_threadsafe(self._died, e)
 
-    def _apply(self, commands: list[tuple[Any, ...]]) -> list[tuple[str, BaseException | None]]:
-        admitted: list[tuple[str, BaseException | None]] = []
+    def _apply(self, commands: list[tuple[Any, ...]]) -> int:
+        """Carry out the inbox's commands in order; returns how many requests were added."""
+        num_added = 0
         for command in commands:
             if command[0] == "add":
-                _, request_id, prompt, params = command
-                try:
-                    self.engine.add_request(request_id, prompt, params, detokenize=False)
-                    admitted.append((request_id, None))
-                except Exception as e:  # refused: the caller gets the error, the engine goes on
-                    admitted.append((request_id, e))
+                self.core.add_request(command[1])
+                num_added += 1
             elif command[0] == "stop":
-                self.engine.finish_sequence(*command[1:])
+                self.core.finish_sequence(*command[1:])
             else:
-                self.engine.abort_request(command[1])
-        return admitted
+                self.core.abort_request(command[1])
+        return num_added
 
     def _snapshot(self) -> EngineStats:
-        engine = self.engine
+        scheduler, kv = self.core.scheduler, self.core.kv
         return EngineStats(
-            num_running=len(engine.scheduler.running),
-            num_waiting=len(engine.scheduler.waiting),
-            kv_cache_usage=engine.kv.usage,
-            num_preemptions=engine.scheduler.num_preemptions,
-            prefix_cache_queries=engine.kv.prefix_queries,
-            prefix_cache_hits=engine.kv.prefix_hits,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=kv.usage,
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
         )

@@ -2,7 +2,8 @@
 
 The template comes from the model (GGUF metadata, `tokenizer_config.json` or `chat_template.jinja`, as the
 loader found it) or from `--chat-template`, and is rendered in jinja2's `ImmutableSandboxedEnvironment`:
-a template is code from a checkpoint, so it must not reach Python internals or mutate its inputs.
+a template is code from a checkpoint, so it must not reach Python internals or mutate its inputs. The
+input processor renders it; messages it refuses are `InvalidRequestError`s naming `messages`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from gptserve.errors import GptServeError
-from gptserve.server.errors import APIError, bad_request
+from gptserve.errors import GptServeError, InvalidRequestError
 
 
 def _raise_exception(message: str) -> None:
@@ -88,16 +88,16 @@ class ChatTemplate:
         continue_final_message: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text for `messages`; an `APIError` (400) if the template refuses them."""
+        """The prompt text for `messages`; an `InvalidRequestError` if the template refuses them."""
         if self._template is None:
-            raise bad_request(
+            raise InvalidRequestError(
                 "this model has no chat template: start the server with --chat-template FILE, "
                 "or use /v1/completions",
                 "messages",
                 "chat_template_missing",
             )
         if continue_final_message and add_generation_prompt:
-            raise bad_request(
+            raise InvalidRequestError(
                 "continue_final_message and add_generation_prompt cannot both be true",
                 "continue_final_message",
             )
@@ -107,34 +107,13 @@ class ChatTemplate:
         try:
             text = self._template.render(**context)
         except jinja2.TemplateError as e:  # raise_exception() in the template, or a sandbox refusal
-            raise APIError(400, f"chat template error: {e}", "messages") from None
+            raise InvalidRequestError(f"chat template error: {e}", "messages") from None
         if continue_final_message:
             final = messages[-1].get("content") or ""
             cut = text.rfind(final) if final else -1
             if cut < 0:
-                raise bad_request("the final message's content is not in the rendered prompt", "messages")
+                raise InvalidRequestError(
+                    "the final message's content is not in the rendered prompt", "messages"
+                )
             text = text[: cut + len(final)]
         return text
-
-
-def message_dicts(messages: list[Any]) -> list[dict[str, Any]]:
-    """pydantic messages -> plain dicts for the template, with text parts joined into one string."""
-    out = []
-    for i, message in enumerate(messages):
-        item = message.model_dump(exclude_none=True)
-        content = item.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or "text" not in part:
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise bad_request(
-                        f"content part of type {kind!r} is not supported (text only)",
-                        f"messages[{i}].content[{j}]",
-                    )
-                texts.append(part["text"])
-            item["content"] = "\n".join(texts)
-        elif content is None:
-            item["content"] = ""
-        out.append(item)
-    return out

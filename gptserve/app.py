@@ -19,16 +19,17 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
 from gptserve import __version__
-from gptserve.engine.builder import EngineOptions
+from gptserve.engine.chat_template import ChatTemplate, load_template_source
+from gptserve.engine.engine_options import EngineOptions
 from gptserve.engine.llm_engine import LLMEngine
-from gptserve.server.async_engine import AsyncEngine, EngineDeadError
+from gptserve.frontend.api_error import APIError
+from gptserve.frontend.async_engine import AsyncEngine
+from gptserve.frontend.metrics import ServerMetrics
+from gptserve.frontend.request_log import RequestLogMiddleware
 from gptserve.server.body_limit import BodySizeLimit
-from gptserve.server.chat_template import ChatTemplate, load_template_source
-from gptserve.server.errors import APIError, error_response, install_error_handlers
-from gptserve.server.metrics import ServerMetrics
+from gptserve.server.errors import error_response, install_error_handlers
 from gptserve.server.openai_routes import build_openai_router
 from gptserve.server.openapi_doc import UNAVAILABLE, install_openapi
-from gptserve.server.request_log import RequestLogMiddleware
 from gptserve.server.serving import OpenAIServing
 from gptserve.triton.grpc_server import start_grpc_server
 from gptserve.triton.http_routes import build_triton_router
@@ -77,7 +78,7 @@ def make_api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[Non
 
 def _chat_template(engine: LLMEngine, override: str | None) -> ChatTemplate:
     tokenizer = engine.tokenizer
-    model_template = getattr(engine, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    model_template = engine.chat_template or getattr(tokenizer, "chat_template", None)
     special = {}
     if tokenizer is not None:
         special = {
@@ -98,7 +99,7 @@ def build_app(
     owns_engine = isinstance(engine, LLMEngine)
     async_engine = AsyncEngine(engine) if isinstance(engine, LLMEngine) else engine
     llm = async_engine.engine
-    names = config.served_model_names or [getattr(llm, "model_name", None) or "model"]
+    names = config.served_model_names or [llm.model_name]
     registry = registry if registry is not None else ModelRegistry([], EngineOptions())
     if owns_engine:
         registry.add_llm(names[0], async_engine)
@@ -109,10 +110,10 @@ def build_app(
     metrics = ServerMetrics(names[0], lambda: async_engine.stats)
     metrics.registry.register(TritonMetricsCollector(registry.models))
     async_engine.metrics = metrics
+    async_engine.inputs.chat_template = _chat_template(llm, config.chat_template)
     serving = OpenAIServing(
         async_engine,
         names,
-        _chat_template(llm, config.chat_template),
         config.max_queue_len,
         config.model_path,
     )
@@ -157,10 +158,6 @@ def build_app(
     if config.max_request_bytes:
         app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(RequestLogMiddleware)  # outermost: logs refusals by the limits too
-
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(request: Request, exc: EngineDeadError) -> Response:
-        return error_response(APIError(503, str(exc)))
 
     @app.get("/health", responses=UNAVAILABLE)
     async def health() -> Response:
