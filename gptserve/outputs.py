@@ -44,3 +44,5 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None
+    # With `prompt_logprobs`: per prompt token, its log-prob and alternatives (None for the first token)
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -19,7 +19,9 @@ class SamplingParams:
 
     `temperature=0` means greedy. `top_k` of 0 or -1 disables top-k. `beam_width > 1` switches to beam
     search (the FasterTransformer option), in which case sampling fields other than the penalties are
-    ignored and `n` beams are returned (`n <= beam_width`).
+    ignored and `n` beams are returned (`n <= beam_width`). `prompt_logprobs` asks for the log-probability
+    of every prompt token after the first (with that many alternatives each); with it, `max_tokens=0`
+    scores the prompt without generating.
     """
 
     n: int = 1
@@ -40,6 +42,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     beam_width: int = 1
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
@@ -73,10 +76,13 @@ class SamplingParams:
             "n",
             f"must be an integer in [1, {MAX_N}], got {self.n!r}",
         )
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only
         c(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= least),
             "max_tokens",
-            f"must be a positive integer, got {self.max_tokens!r}",
+            f"must be a positive integer, got {self.max_tokens!r}"
+            if least
+            else f"must be an integer >= 0, got {self.max_tokens!r}",
         )
         c(0.0 <= self.temperature <= 100.0, "temperature", f"must be in [0, 100], got {self.temperature}")
         c(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
@@ -123,6 +129,17 @@ class SamplingParams:
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+        )
+        c(
+            self.prompt_logprobs is None
+            or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
+            f"must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
+        )
+        c(
+            self.prompt_logprobs is None or self.beam_width == 1,
+            "prompt_logprobs",
+            "is not served with beam search",
         )
         bias = self.logit_bias or {}
         c(

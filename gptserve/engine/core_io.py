@@ -50,3 +50,5 @@ class EngineCoreOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # the core refused the request (it can never fit in the KV cache)
+    # Log-probs of the prompt tokens computed in this step (from the second prompt token on, in order)
+    prompt_logprobs: list[TokenLogprob] | None = None

@@ -31,7 +31,9 @@ from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.run_ahead import RunAhead
 from gptserve.engine.scheduler import SampledToken, ScheduledSeq, Scheduler
 from gptserve.engine.sequence import Request, Sequence
+from gptserve.engine.step_inputs import LogitsLayout
 from gptserve.layers.sampler import Sampler, SamplingRow, make_generator
+from gptserve.outputs import TokenLogprob
 from gptserve.sampling_params import SamplingParams
 
 
@@ -107,10 +109,9 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """Run one iteration; returns the news of every request that progressed or ended."""
         touched: dict[str, Request] = {}
-        fresh: set[int] = set()  # sequences that gained a token this step
         ahead = self.run_ahead.take()
         if ahead is not None:  # launched by the previous call: sample it now
-            scheduled, logits, entries = ahead
+            scheduled, logits, layout = ahead
         else:
             out = self.scheduler.schedule()
             for request in out.failed:
@@ -121,25 +122,26 @@ class EngineCore:
             scheduled = out.scheduled
             if scheduled:
                 self.num_steps += 1
-                logits, entries = self.runner.execute(scheduled, out.block_copies)
+                logits, layout = self.runner.execute(scheduled, out.block_copies)
         for request in self._finished_outside_step:
             touched[request.request_id] = request
         self._finished_outside_step = []
         if scheduled:
             self.scheduler.record_computed(scheduled)
-            self._sample(scheduled, logits, entries, touched, fresh)
-        return [self._output(request, fresh) for request in touched.values()]
+            if layout.prompt_spans:
+                self._prompt_logprobs(scheduled, logits, layout, touched)
+            self._sample(scheduled, logits, layout, touched)
+        return [self._output(request) for request in touched.values()]
 
     def _sample(
         self,
         scheduled: list[ScheduledSeq],
         logits: torch.Tensor,
-        entries: list[int],
+        layout: LogitsLayout,
         touched: dict[str, Request],
-        fresh: set[int],
     ) -> None:
         by_request: dict[Request, list[tuple[Sequence, int]]] = {}
-        for row, entry in enumerate(entries):
+        for row, entry in zip(layout.sample_rows, layout.sample_entries):
             item = scheduled[entry]
             by_request.setdefault(item.request, []).append((item.seq, row))
         rows: list[int] = []
@@ -149,6 +151,11 @@ class EngineCore:
             touched[request.request_id] = request
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
+            if request.params.max_tokens == 0:  # the prompt scored, nothing to generate
+                for seq, _ in seq_rows:
+                    seq.finish_reason = "length"
+                self.scheduler.finish(request)
+                continue
             if request.params.use_beam_search:
                 beams = [seq for seq, _ in seq_rows]
                 self.num_generated_tokens += self.beam_search.step(
@@ -173,14 +180,48 @@ class EngineCore:
                     self.num_steps += 1
 
         result = self.sampler(logits[rows], sampling_rows, before_fetch=before_fetch)
-        sampled = []
-        for i, (request, seq) in enumerate(targets):
-            with_logprobs = request.params.logprobs is not None
-            top = (result.top_logprobs[i] or []) if with_logprobs else None
-            sampled.append(SampledToken(request, seq, result.token_ids[i], result.logprobs[i], top))
-            fresh.add(seq.seq_id)
+        tops = result.top_logprobs  # None where a row did not ask for logprobs
+        sampled = [
+            SampledToken(request, seq, token, logprob, top)
+            for (request, seq), token, logprob, top in zip(targets, result.token_ids, result.logprobs, tops)
+        ]
         self.num_generated_tokens += len(sampled)
         self.scheduler.update(sampled)
+
+    def _prompt_logprobs(
+        self,
+        scheduled: list[ScheduledSeq],
+        logits: torch.Tensor,
+        layout: LogitsLayout,
+        touched: dict[str, Request],
+    ) -> None:
+        """Log-probs of the prompt tokens this step's chunks predict, with `prompt_logprobs` alternatives
+        each. Positions already reported (the chunk is a recompute after preemption) are skipped."""
+        for entry, first, count in layout.prompt_spans:
+            item = scheduled[entry]
+            request, seq = item.request, item.seq
+            if seq.finished:
+                continue
+            start = seq.num_computed_tokens - item.num_new_tokens  # the chunk's first position
+            skip = max(request.num_prompt_logprobs - start, 0)
+            if skip >= count:
+                continue
+            logprobs = logits[first + skip : first + count].float().log_softmax(dim=-1)
+            targets = seq.token_ids[start + 1 + skip : start + 1 + count]
+            index = torch.tensor(targets, device=logprobs.device)[:, None]
+            chosen = logprobs.gather(1, index).squeeze(1).tolist()
+            k = min(request.params.prompt_logprobs or 0, logprobs.shape[-1])
+            tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+            if k:
+                values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+                tops = [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+            new = [TokenLogprob(t, v, top) for t, v, top in zip(targets, chosen, tops, strict=True)]
+            if request.new_prompt_logprobs is None:
+                request.new_prompt_logprobs = new
+            else:
+                request.new_prompt_logprobs += new
+            request.num_prompt_logprobs = start + count
+            touched[request.request_id] = request
 
     def _fork_samples(
         self, request: Request, seq_rows: list[tuple[Sequence, int]]
@@ -220,39 +261,47 @@ class EngineCore:
         )
 
     # ------------------------------------------------------------------------------------------ output
-    def _output(self, request: Request, fresh: set[int]) -> EngineCoreOutput:
-        """What is new for `request`: the token each sampled sequence gained, and the sequences that
-        ended since the last report. Beams report their whole output (they are re-ranked every step)."""
+    def _output(self, request: Request) -> EngineCoreOutput:
+        """What is new for `request`: the tokens each sequence gained since it was last reported, and the
+        sequences that ended since then. Beams report their whole output (re-ranked every step)."""
         with_logprobs = request.params.logprobs is not None
         beams = request.params.use_beam_search
         deltas = []
         for seq in request.seqs:
             if beams:
+                logprobs = list(seq.logprobs) if with_logprobs else None
                 deltas.append(
                     SeqDelta(
                         seq.index,
                         seq.output_token_ids,
-                        list(seq.logprobs) if with_logprobs else None,
+                        logprobs,
                         seq.cumulative_logprob,
                         seq.finish_reason,
                         seq.stop_reason,
                         replaces=True,
                     )
                 )
-            elif seq.seq_id in fresh or (seq.finish_reason is not None and not seq.finish_reported):
-                new = [seq.token_ids[-1]] if seq.seq_id in fresh else []
-                logprobs = None
-                if with_logprobs:
-                    logprobs = [seq.logprobs[-1]] if new else []
-                deltas.append(
-                    SeqDelta(
-                        seq.index, new, logprobs, seq.cumulative_logprob, seq.finish_reason, seq.stop_reason
-                    )
-                )
-            if seq.finish_reason is not None:
-                seq.finish_reported = True
+                continue
+            reported = seq.num_reported_tokens
+            num_output = len(seq.token_ids) - seq.num_prompt_tokens
+            ended = seq.finish_reason is not None and not seq.finish_reported
+            if num_output == reported and not ended:
+                continue
+            new = seq.token_ids[seq.num_prompt_tokens + reported :]
+            logprobs = seq.logprobs[reported:] if with_logprobs else None
+            deltas.append(
+                SeqDelta(seq.index, new, logprobs, seq.cumulative_logprob, seq.finish_reason, seq.stop_reason)
+            )
+            seq.num_reported_tokens = num_output
+            seq.finish_reported = seq.finish_reason is not None
         if request.finished:
             self.requests.pop(request.request_id, None)
+        prompt_logprobs, request.new_prompt_logprobs = request.new_prompt_logprobs, None
         return EngineCoreOutput(
-            request.request_id, deltas, request.finished, request.num_cached_tokens, request.error
+            request.request_id,
+            deltas,
+            request.finished,
+            request.num_cached_tokens,
+            request.error,
+            prompt_logprobs,
         )

@@ -18,7 +18,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.engine.cuda_graphs import StepGraphs, capture_step_graphs
 from gptserve.engine.scheduler import ScheduledSeq
-from gptserve.engine.step_inputs import StepInputs
+from gptserve.engine.step_inputs import LogitsLayout, StepInputs
 from gptserve.layers.attention import Attention, AttentionMetadata, PrefillChunk, attention_context
 from gptserve.parallel import parallel_state
 
@@ -90,24 +90,27 @@ class ModelRunner:
         scheduled: list[ScheduledSeq],
         copies: list[tuple[int, int]],
         input_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Run the step. Returns float32 logits for the sampling entries, and their indices in `scheduled`.
-        `input_ids` on the device (decode tokens only, one per scheduled sequence, in order: the previous
-        step's samples) let a step start before the host has its tokens."""
-        step, sample_entries = self.prepare(scheduled, copies, tokens_on_device=input_ids is not None)
+    ) -> tuple[torch.Tensor, LogitsLayout]:
+        """Run the step. Returns float32 logits and what each of their rows is for. `input_ids` on the
+        device (decode tokens only, one per scheduled sequence, in order: the previous step's samples) let
+        a step start before the host has its tokens."""
+        step, layout = self.prepare(scheduled, copies, tokens_on_device=input_ids is not None)
         if self.publish is not None:
             self.publish(step)
-        return self.run(step, None if input_ids is None else input_ids.contiguous()), sample_entries
+        return self.run(step, None if input_ids is None else input_ids.contiguous()), layout
 
     def prepare(
         self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]], tokens_on_device: bool = False
-    ) -> tuple[StepInputs, list[int]]:
-        """Pack the scheduled tokens; returns the step and the index in `scheduled` of each logits row.
-        With `tokens_on_device` (decode tokens only) the input ids are left 0, to be filled on the device."""
+    ) -> tuple[StepInputs, LogitsLayout]:
+        """Pack the scheduled tokens; returns the step and what each of its logits rows is for. With
+        `tokens_on_device` (decode tokens only) the input ids are left 0, to be filled on the device. A
+        prompt whose request asked for `prompt_logprobs` gets a logits row for every position that
+        predicts a prompt token (such steps run eagerly: the graphs compute one row per sequence)."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         bs = self.block_size
         step = StepInputs(copies=copies, tokens_on_device=tokens_on_device)
-        sample_entries: list[int] = []
+        layout = LogitsLayout()
+        rows = step.logits_rows
         # Plain Python ints, turned into tensors once: per-sequence tensor ops would cost more than the
         # whole one-sequence decode step's bookkeeping.
         for i in order:
@@ -127,10 +130,16 @@ class ModelRunner:
                 step.positions.extend(range(start, end))
                 step.slot_mapping.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
                 step.prefills.append((offset, n, end, block_ids[: (end - 1) // bs + 1]))
+            if item.request.params.prompt_logprobs is not None and seq.num_output_tokens == 0:
+                last = min(end, seq.num_prompt_tokens - 1)  # the last prompt position predicts an output
+                if start < last:
+                    layout.prompt_spans.append((i, len(rows), last - start))
+                    rows.extend(range(offset, offset + last - start))
             if item.sample:
-                step.logits_rows.append(offset + n - 1)
-                sample_entries.append(i)
-        return step, sample_entries
+                layout.sample_rows.append(len(rows))
+                layout.sample_entries.append(i)
+                rows.append(offset + n - 1)
+        return step, layout
 
     @torch.inference_mode()
     def run(self, step: StepInputs, input_ids: torch.Tensor | None = None) -> torch.Tensor:

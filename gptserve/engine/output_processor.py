@@ -43,15 +43,15 @@ class _SeqState:
 
     def output(self, delta_text: str = "", delta_token_ids: list[int] | None = None) -> CompletionOutput:
         return CompletionOutput(
-            index=self.index,
-            text=self.text,
-            token_ids=self.token_ids,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-            cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
-            delta_text=delta_text,
-            delta_token_ids=delta_token_ids if delta_token_ids is not None else [],
+            self.index,
+            self.text,
+            self.token_ids,
+            self.finish_reason,
+            self.stop_reason,
+            self.cumulative_logprob,
+            self.logprobs,
+            delta_text,
+            [] if delta_token_ids is None else delta_token_ids,
         )
 
 
@@ -62,6 +62,7 @@ class _RequestState:
     params: SamplingParams
     seqs: dict[int, _SeqState] = field(default_factory=dict)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token has none
 
 
 class OutputProcessor:
@@ -79,7 +80,10 @@ class OutputProcessor:
         params: SamplingParams,
         prompt: str | None = None,
     ) -> None:
-        self._requests[request_id] = _RequestState(prompt, prompt_token_ids, params)
+        state = _RequestState(prompt, prompt_token_ids, params)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
+        self._requests[request_id] = state
 
     def drop(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -97,41 +101,55 @@ class OutputProcessor:
         state = self._requests.get(out.request_id)
         if state is None:
             return None, []
+        params = state.params
+        seqs = state.seqs
         stopped: list[int] = []
-        deltas: dict[int, tuple[str, list[int]]] = {}
+        deltas: dict[int, CompletionOutput] = {}
         for d in out.seqs:
-            seq = state.seqs.get(d.index)
+            seq = seqs.get(d.index)
             if seq is None:
-                seq = state.seqs[d.index] = self._new_seq(state, d.index)
+                seq = seqs[d.index] = self._new_seq(state, d.index)
             if seq.ended:
                 continue  # a stop string ended it here: what the core produced meanwhile is dropped
             before = 0 if d.replaces else len(seq.token_ids)
             new = self._accumulate(seq, d)
             if d.replaces and not d.finished:
                 continue  # beams change every step; their text is decoded once they end
-            text, hit = self._detokenize(state.params, seq, new, d.finished)
-            if hit:
-                stopped.append(d.index)
-            deltas[d.index] = (text, seq.token_ids[before:])
-        if state.params.use_beam_search:  # the beams are exactly the ones reported (pruned every step)
+            if seq.detokenizer is None and seq.matcher is None:  # no tokenizer: token ids only
+                text = ""
+                seq.ended = d.finished
+            else:
+                text, hit = self._detokenize(params, seq, new, d.finished)
+                if hit:
+                    stopped.append(d.index)
+            deltas[d.index] = seq.output(text, seq.token_ids[before:])
+        if params.use_beam_search:  # the beams are exactly the ones reported (pruned every step)
             reported = {d.index for d in out.seqs}
-            state.seqs = {i: s for i, s in state.seqs.items() if i in reported}
+            state.seqs = seqs = {i: s for i, s in seqs.items() if i in reported}
         state.num_cached_tokens = out.num_cached_tokens
-        seqs = sorted(state.seqs.values(), key=lambda s: s.index)
-        expected = len(seqs) if state.params.use_beam_search else state.params.n
-        done = len(seqs) >= expected and all(s.ended for s in seqs)
+        if out.prompt_logprobs and state.prompt_logprobs is not None:
+            state.prompt_logprobs.extend(out.prompt_logprobs)
+        if len(seqs) == 1:  # the common case, every step of every sequence
+            (only,) = seqs.values()
+            done = only.ended and (params.n == 1 or params.use_beam_search)
+            outputs = [deltas.get(only.index) or only.output()]
+        else:
+            ordered = sorted(seqs.values(), key=_by_index)
+            expected = len(ordered) if params.use_beam_search else params.n
+            done = len(ordered) >= expected and all(s.ended for s in ordered)
+            outputs = [deltas.get(s.index) or s.output() for s in ordered]
         finished = out.finished or done
-        outputs = [s.output(*deltas.get(s.index, ("", None))) for s in seqs]
         if finished:
-            self.drop(out.request_id)
+            del self._requests[out.request_id]
         result = RequestOutput(
-            request_id=out.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=outputs,
-            finished=finished,
-            num_cached_tokens=state.num_cached_tokens,
-            error=out.error,
+            out.request_id,
+            state.prompt,
+            state.prompt_token_ids,
+            outputs,
+            finished,
+            state.num_cached_tokens,
+            out.error,
+            state.prompt_logprobs,
         )
         return result, stopped
 
@@ -203,3 +221,7 @@ class OutputProcessor:
             return tail
         text, _ = seq.matcher.feed(tail)
         return text + seq.matcher.flush()
+
+
+def _by_index(seq: _SeqState) -> int:
+    return seq.index

@@ -23,6 +23,7 @@ from gptserve.config import SchedulerConfig
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.scheduler import ScheduledSeq, Scheduler
 from gptserve.engine.sequence import Request, Sequence
+from gptserve.engine.step_inputs import LogitsLayout
 
 
 class RunAhead:
@@ -34,14 +35,14 @@ class RunAhead:
         self.kv = scheduler.kv
         self.runner = runner
         self.num_launched = 0
-        # The step in flight: (scheduled, logits, logits entries)
-        self._launched: tuple[list[ScheduledSeq], torch.Tensor, list[int]] | None = None
+        # The step in flight: (scheduled, logits, what the logits rows are)
+        self._launched: tuple[list[ScheduledSeq], torch.Tensor, LogitsLayout] | None = None
 
     @property
     def pending(self) -> bool:
         return self._launched is not None
 
-    def take(self) -> tuple[list[ScheduledSeq], torch.Tensor, list[int]] | None:
+    def take(self) -> tuple[list[ScheduledSeq], torch.Tensor, LogitsLayout] | None:
         """The step launched ahead, if any (handed over once)."""
         launched, self._launched = self._launched, None
         return launched
@@ -89,6 +90,6 @@ class RunAhead:
         if len(keep) < len(targets):
             tokens = tokens[torch.tensor(keep, device=tokens.device)]
         self.num_launched += 1
-        logits, entries = self.runner.execute(items, copies, tokens)
-        self._launched = (items, logits, entries)
+        logits, layout = self.runner.execute(items, copies, tokens)
+        self._launched = (items, logits, layout)
         return True

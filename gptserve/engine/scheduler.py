@@ -34,7 +34,7 @@ class ScheduledSeq:
     sample: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     """A token sampled for `seq`; `logprob` is its raw log-probability, `top` the alternatives asked for."""
 
@@ -167,8 +167,11 @@ class Scheduler:
             if num_seqs + slots > self.config.max_num_seqs and self.running:
                 break
             lookup: tuple[int, int] | None = None  # (tokens looked up, tokens found) of its first sequence
+            # A request that asked for prompt log-probs computes its whole prompt: a cached prefix has no
+            # logits to give them.
+            reuse = request.params.prompt_logprobs is None
             for seq in live:
-                if seq.num_computed_tokens == 0 and not seq.block_ids:
+                if reuse and seq.num_computed_tokens == 0 and not seq.block_ids:
                     hit = self.kv.match_prefix(seq)
                     lookup = lookup or (seq.num_tokens, hit)
                     if seq.num_output_tokens == 0 and seq.index == 0:

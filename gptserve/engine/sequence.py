@@ -43,6 +43,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_reported_tokens: int = 0  # output tokens the engine core has reported
     finish_reported: bool = False  # the engine core has reported how it ended
     # Beam search: a live beam's cumulative processed score (what beams are ranked by); the
     # length-normalised score once the beam has finished.
@@ -103,6 +104,8 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     error: str | None = None
+    num_prompt_logprobs: int = 0  # prompt positions whose next token's log-prob has been reported
+    new_prompt_logprobs: list[TokenLogprob] | None = None  # computed this step, not yet reported
     beam_state: Any = None  # engine.beam_search.BeamState of a beam-search request
 
     @property

@@ -1,4 +1,5 @@
-"""`StepInputs`: one engine step's packed batch as plain Python data.
+"""`StepInputs`: one engine step's packed batch as plain Python data, and `LogitsLayout`: which rows of
+the step's logits are what.
 
 The model runner builds it, runs it eagerly or replays it from a CUDA graph, and rank 0 sends it to the
 other tensor-parallel ranks, which run the same forward pass on their shards.
@@ -25,3 +26,14 @@ class StepInputs:
     # the input ids are rank 0's samples, still on its device: every rank takes them from a broadcast
     tokens_on_device: bool = False
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) cache blocks, before the step
+
+
+@dataclass
+class LogitsLayout:
+    """What each row of a step's logits is for: the next token of a sequence that samples, or the
+    log-probabilities of prompt tokens (a request that asked for `prompt_logprobs`)."""
+
+    sample_entries: list[int] = field(default_factory=list)  # per sampling row: its index in `scheduled`
+    sample_rows: list[int] = field(default_factory=list)  # per sampling row: its row of the logits
+    # (index in `scheduled`, first logits row, rows): rows whose logits predict the next prompt tokens
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)
