@@ -5,7 +5,7 @@ so a misspelt parameter is a 400 rather than silently ignored. Ranges are checke
 which names the field at fault; these models only fix the shapes, and state the ranges in their JSON
 schema (`ranged`: documentation only, no validation) so that the OpenAPI document tells clients and
 fuzzers what is accepted. vLLM's extra sampling fields are accepted in the body (the SDK sends them
-through `extra_body`).
+through `extra_body`), and so are the OpenAI fields this server has no use for (`IgnoredFields`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,23 @@ class OpenAIModel(BaseModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: bool = False  # one last chunk with the request's usage
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
+
+
+class IgnoredFields(OpenAIModel):
+    """OpenAI fields that are accepted and ignored, so that clients which always send them work: this
+    server stores no completions (`store`, `metadata`), keeps no per-user accounting (`user`) and has one
+    service tier (`service_tier`). Their types are still checked. Every other unknown field is a 400."""
+
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+
+
+# Accepted and ignored on `/v1/completions` and `/v1/chat/completions`.
+IGNORED_FIELDS = tuple(IgnoredFields.model_fields)
 
 
 class SamplingFields(OpenAIModel):
@@ -63,7 +79,6 @@ class SamplingFields(OpenAIModel):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     # vLLM's extras
     top_k: int | None = ranged(None, minimum=-1)
     min_p: float | None = ranged(None, minimum=0, maximum=1)
@@ -75,7 +90,7 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, IgnoredFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=PROMPT)
     max_tokens: int | None = ranged(16, minimum=1)
     logprobs: int | None = ranged(None, **LOGPROBS)
@@ -90,17 +105,20 @@ class TextPart(OpenAIModel):
     text: str
 
 
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatMessage(BaseModel):
     """One message; fields beyond role/content/name (tool calls, ids) are handed to the template."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    role: str
+    role: Role
     content: str | list[TextPart | dict[str, Any]] | None = None
     name: str | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, IgnoredFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = ranged(None, minimum=1)
     max_completion_tokens: int | None = ranged(None, minimum=1)
@@ -109,6 +127,7 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # nothing to parallelize while `tools` are refused
     # vLLM's extras
     echo: bool = False
     add_generation_prompt: bool = True

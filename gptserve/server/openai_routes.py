@@ -1,5 +1,6 @@
-"""The OpenAI-compatible routes (`/v1/models`, `/v1/completions`, `/v1/chat/completions`) and vLLM's
-`/tokenize` and `/detokenize`. Handlers are thin: the work is in `serving_*.py`."""
+"""The OpenAI-compatible routes (`/v1/models`, `/v1/models/{id}`, `/v1/completions`,
+`/v1/chat/completions`) and vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`. Handlers are thin:
+the work is in `serving_*.py` and `tokenizer_info.py`."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from gptserve.server.openai_protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
-from gptserve.server.openapi_doc import UNAVAILABLE, json_body
+from gptserve.server.openapi_doc import NOT_FOUND, UNAVAILABLE, json_body
 from gptserve.server.serving import OpenAIServing
 from gptserve.server.serving_chat import create_chat_completion
 from gptserve.server.serving_completions import create_completion
+from gptserve.server.tokenizer_info import tokenizer_info
 
 
 def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
@@ -31,12 +33,12 @@ def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        data = [
-            {"id": name, "object": "model", "created": serving.created, "owned_by": "gptserve",
-             "root": serving.model_path or name, "parent": None, "max_model_len": serving.max_model_len}
-            for name in serving.served_model_names
-        ]  # fmt: skip
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [serving.model_card(name) for name in serving.served_model_names]}
+
+    # `:path`: a served name may hold a `/` (`--served-model-name org/model`)
+    @router.get("/v1/models/{model_id:path}", responses=NOT_FOUND)
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        return serving.model_card(serving.model_name(model_id))
 
     @router.post("/v1/completions", responses=UNAVAILABLE)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -78,6 +80,11 @@ def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
         serving.model_name(body.model)
         serving.check_token_ids(body.tokens, "tokens")
         return {"prompt": serving.decode(body.tokens)}
+
+    @router.get("/tokenizer_info")
+    async def get_tokenizer_info() -> dict[str, Any]:
+        template = serving.inputs.chat_template.source
+        return tokenizer_info(serving.tokenizer, template, serving.vocab_size, serving.max_model_len)
 
     return router
 

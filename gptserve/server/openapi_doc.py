@@ -1,5 +1,6 @@
-"""The OpenAPI document served at `/openapi.json`: the OpenAI-compatible routes, vLLM's `/tokenize` and
-`/detokenize`, `/health` and `/metrics`, with the request bodies of `openai_protocol.py`.
+"""The OpenAPI document served at `/openapi.json`: the OpenAI-compatible routes, vLLM's `/tokenize`,
+`/detokenize` and `/tokenizer_info`, `/health` and `/metrics`, with the request bodies of
+`openai_protocol.py`.
 
 FastAPI describes a route's body only when the route declares it; a route that parses its body itself
 (to pick between request shapes) names its models with `openapi_extra=json_body(...)` and the document
@@ -24,6 +25,8 @@ _DEFS_KEY = "x-gptserve-body-defs"  # carries a `json_body`'s model definitions 
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     503: {"description": "The queue is full (with Retry-After) or the engine has stopped"}
 }
+# `responses=` of a route that names a model in its path.
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "This server does not serve that model"}}
 
 _ERROR_BODY = {
     "type": "object",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from gptserve.errors import GptServeError
 from gptserve.frontend.api_error import APIError
@@ -49,6 +50,18 @@ class OpenAIServing:
                 "model_not_found",
             )  # fmt: skip
         return requested
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        """The `/v1/models` entry of a served name (`GET /v1/models/{name}` answers the same object)."""
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "gptserve",
+            "root": self.model_path or name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.inputs.tokenize(text, add_special_tokens)

@@ -20,6 +20,7 @@ from gptserve.server.openai_format import chat_logprobs, usage
 from gptserve.server.openai_params import build_sampling_params
 from gptserve.server.openai_protocol import ChatCompletionRequest
 from gptserve.server.serving import OpenAIServing
+from gptserve.server.stream_usage import StreamUsage, check_stream_options
 from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
 
 
@@ -60,6 +61,7 @@ async def create_chat_completion(
     serving: OpenAIServing, req: ChatCompletionRequest, raw: Request
 ) -> Response:
     model = serving.model_name(req.model)
+    check_stream_options(req)
     _check_unsupported(req)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -100,27 +102,25 @@ async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
 
 async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
     req = job.req
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    tail = {"usage": None} if include_usage else {}
-    completion_tokens = 0
+    counted = StreamUsage(req, job.stream.num_prompt_tokens)
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse(job.body([choice], **tail))
+        return sse(job.body([choice], **counted.chunk_fields()))
 
     try:
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for d in choice_deltas([job.stream], req.n):
+            counted.update(d)
             logprobs = None
             if job.num_top is not None and d.logprobs:
                 logprobs = chat_logprobs(d.logprobs, serving.tokens, job.num_top)
-            if d.finish_reason is not None:
-                completion_tokens += d.num_tokens
             delta = {"content": d.text} if d.text else {}
             yield chunk(d.index, delta, logprobs, d.finish_reason)
-        if include_usage:
-            yield sse(job.body([], usage=usage(job.stream.num_prompt_tokens, completion_tokens)))
+        final = counted.final()
+        if final is not None:
+            yield sse(job.body([], usage=final))
     except (APIError, GptServeError) as e:
         err = e if isinstance(e, APIError) else to_api_error(e)
         yield sse_error(err.status, err.message, err.code)

@@ -24,6 +24,7 @@ from gptserve.server.openai_format import completion_logprobs, usage
 from gptserve.server.openai_params import build_sampling_params
 from gptserve.server.openai_protocol import CompletionRequest
 from gptserve.server.serving import OpenAIServing
+from gptserve.server.stream_usage import StreamUsage, check_stream_options
 from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
 
 
@@ -57,6 +58,7 @@ class _Job:
 
 async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw: Request) -> Response:
     model = serving.model_name(req.model)
+    check_stream_options(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -109,10 +111,8 @@ async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
 
 async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
     req = job.req
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    tail = {"usage": None} if include_usage else {}
+    counted = StreamUsage(req, job.num_prompt_tokens)
     offsets: dict[int, int] = {}
-    completion_tokens = 0
 
     def chunk(
         index: int, text: str, logprobs: Any = None, finish: str | None = None, stop: Any = None
@@ -124,7 +124,7 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
             "finish_reason": finish,
             "stop_reason": stop,
         }
-        return sse(job.body([choice], **tail))
+        return sse(job.body([choice], **counted.chunk_fields()))
 
     try:
         for i, text in enumerate(job.echo or []):
@@ -132,17 +132,17 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
                 offsets[i * req.n + j] = len(text)
                 yield chunk(i * req.n + j, text)
         async for d in choice_deltas(job.streams, req.n):
+            counted.update(d)
             logprobs = None
             if req.logprobs is not None:
                 logprobs = completion_logprobs(
                     d.logprobs, serving.tokens, offsets.get(d.index, 0), req.logprobs
                 )
                 offsets[d.index] = offsets.get(d.index, 0) + sum(len(t) for t in logprobs["tokens"])
-            if d.finish_reason is not None:
-                completion_tokens += d.num_tokens
             yield chunk(d.index, d.text, logprobs, d.finish_reason, d.stop_reason)
-        if include_usage:
-            yield sse(job.body([], usage=usage(job.num_prompt_tokens, completion_tokens)))
+        final = counted.final()
+        if final is not None:
+            yield sse(job.body([], usage=final))
     except (APIError, GptServeError) as e:
         err = e if isinstance(e, APIError) else to_api_error(e)
         yield sse_error(err.status, err.message, err.code)

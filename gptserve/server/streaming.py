@@ -41,6 +41,7 @@ class ChoiceDelta:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_tokens: int = 0  # output tokens of the choice so far
+    num_cached_tokens: int = 0  # prompt tokens of the choice's prompt served from the prefix cache
 
 
 async def choice_deltas(streams: list[RequestStream], n: int) -> AsyncIterator[ChoiceDelta]:
@@ -64,7 +65,13 @@ async def choice_deltas(streams: list[RequestStream], n: int) -> AsyncIterator[C
                     if c.finished:
                         finished.add(index)
                     yield ChoiceDelta(
-                        index, c.delta_text, new_logprobs, c.finish_reason, c.stop_reason, len(c.token_ids)
+                        index,
+                        c.delta_text,
+                        new_logprobs,
+                        c.finish_reason,
+                        c.stop_reason,
+                        num_tokens=len(c.token_ids),
+                        num_cached_tokens=out.num_cached_tokens,
                     )
     finally:
         abort_all(streams)

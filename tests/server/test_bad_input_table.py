@@ -260,6 +260,10 @@ CASES: list[tuple[str, Callable[[Servers], Failure], int | str, str]] = [
     ("cmpl-body-not-object", post("/v1/completions", [1, 2]), 400, "object"),
     ("cmpl-body-too-large", post("/v1/completions", completion(prompt="x" * MAX_REQUEST_BYTES)), 413,
      "bytes"),
+    ("cmpl-stream-options-without-stream", post("/v1/completions",
+     completion(stream_options={"include_usage": True})), 400, "stream_options"),
+    ("cmpl-parallel-tool-calls", post("/v1/completions", completion(parallel_tool_calls=True)), 400,
+     "parallel_tool_calls"),
     # ---- /v1/chat/completions
     ("chat-messages-empty", post("/v1/chat/completions", chat(messages=[])), 400, "messages"),
     ("chat-messages-missing", post("/v1/chat/completions", {"model": MODEL}), 400, "messages"),
@@ -280,6 +284,9 @@ CASES: list[tuple[str, Callable[[Servers], Failure], int | str, str]] = [
      "content"),
     ("chat-role-unknown", post("/v1/chat/completions", chat(messages=[{"role": 7, "content": "hi"}])), 400,
      "role"),
+    ("chat-role-not-openais", post("/v1/chat/completions",
+     chat(messages=[*MESSAGES, {"role": "wizard", "content": "hi"}])), 400, "messages[1].role"),
+    ("chat-metadata-not-strings", post("/v1/chat/completions", chat(metadata={"k": 1})), 400, "metadata"),
     ("chat-frequency-penalty-range", post("/v1/chat/completions", chat(frequency_penalty=-7)), 400,
      "frequency_penalty"),
     # ---- /tokenize, /detokenize, /v1/models
@@ -291,6 +298,7 @@ CASES: list[tuple[str, Callable[[Servers], Failure], int | str, str]] = [
     ("detokenize-negative-token", post("/detokenize", {"tokens": [-1]}), 400, "tokens"),
     ("detokenize-token-outside-vocab", post("/detokenize", {"tokens": [10**9]}), 400, "tokens"),
     ("models-wrong-method", lambda s: openai_failure(s.http.post("/v1/models")), 405, "method"),
+    ("models-retrieve-unknown", lambda s: openai_failure(s.http.get("/v1/models/nope")), 404, "nope"),
     ("openai-unknown-route", lambda s: openai_failure(s.http.get("/v1/nope")), 404, "/v1/nope"),
     # ---- KServe v2 infer, JSON
     ("infer-unknown-model", post("/v2/models/nope/infer", {"inputs": token_inputs()}), 404, "nope"),

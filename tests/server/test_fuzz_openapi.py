@@ -33,7 +33,15 @@ API_KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 MAX_EXAMPLES = int(os.environ.get("GPTSERVE_FUZZ_EXAMPLES", "30"))  # per operation; raise it for a deep run
-OPENAI_PATHS = ["/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+OPENAI_PATHS = [
+    "/v1/models",
+    "/v1/models/{model_id}",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +116,10 @@ def test_openapi_document_describes_the_openai_routes(fuzzed_server: ServerProce
     schemas = doc.json()["components"]["schemas"]
     assert schemas["CompletionRequest"]["additionalProperties"] is False
     assert "max_tokens" in schemas["CompletionRequest"]["properties"]
+    retrieve = paths["/v1/models/{model_id}"]["get"]
+    assert [p["name"] for p in retrieve["parameters"]] == ["model_id"]
+    not_found = retrieve["responses"]["404"]["content"]["application/json"]["schema"]
+    assert not_found["$ref"].endswith("/ErrorResponse"), "an unknown model is a 404 in OpenAI's form"
     responses = paths["/v1/completions"]["post"]["responses"]
     assert "422" not in responses, "bad requests are 400 with OpenAI's body, not FastAPI's 422"
     assert responses["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
@@ -123,7 +135,7 @@ def test_fuzzed_requests_never_break_the_server(api_schema: Any, mode: Generatio
     sent: dict[str, int] = {}
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
-            continue  # nothing to break: `GET /v1/models` takes no parameters
+            continue  # nothing to break: the GET routes take no body and no parameter but a model name
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(
