@@ -209,13 +209,18 @@ class EngineCore:
             logprobs = logits[first + skip : first + count].float().log_softmax(dim=-1)
             targets = seq.token_ids[start + 1 + skip : start + 1 + count]
             index = torch.tensor(targets, device=logprobs.device)[:, None]
-            chosen = logprobs.gather(1, index).squeeze(1).tolist()
+            chosen_t = logprobs.gather(1, index)
+            ranks = (logprobs > chosen_t).sum(dim=-1).add_(1).tolist()
+            chosen = chosen_t.squeeze(1).tolist()
             k = min(request.params.prompt_logprobs or 0, logprobs.shape[-1])
             tops: list[list[tuple[int, float]]] = [[] for _ in targets]
             if k:
                 values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
                 tops = [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
-            new = [TokenLogprob(t, v, top) for t, v, top in zip(targets, chosen, tops, strict=True)]
+            new = [
+                TokenLogprob(t, v, top, rank)
+                for t, v, top, rank in zip(targets, chosen, tops, ranks, strict=True)
+            ]
             if request.new_prompt_logprobs is None:
                 request.new_prompt_logprobs = new
             else:

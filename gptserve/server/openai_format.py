@@ -85,6 +85,50 @@ def completion_logprobs(
     return out
 
 
+def echo_logprobs(
+    prompt_token_ids: list[int], entries: list[TokenLogprob | None], tokens: TokenText, num_top: int
+) -> dict[str, Any]:
+    """Completions-style logprobs of an echoed prompt: the first token has none (null), as OpenAI's."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token_id, e in zip(prompt_token_ids, entries, strict=True):
+        text = tokens.text(token_id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if e is None else e.logprob)
+        top: dict[str, float] | None = None
+        if e is not None:
+            top = {}
+            for alt, lp in e.top[:num_top]:
+                top.setdefault(tokens.text(alt), lp)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def joined_logprobs(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    return {key: first[key] + then[key] for key in first}
+
+
+def vllm_prompt_logprobs(
+    entries: list[TokenLogprob | None], tokens: TokenText
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first, else {token id: {logprob, rank,
+    decoded_token}} for the prompt's token and each alternative asked for."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        item = {
+            str(e.token_id): {"logprob": e.logprob, "rank": e.rank, "decoded_token": tokens.text(e.token_id)}
+        }
+        for rank, (alt, lp) in enumerate(e.top, 1):
+            item.setdefault(str(alt), {"logprob": lp, "rank": rank, "decoded_token": tokens.text(alt)})
+        out.append(item)
+    return out
+
+
 def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText, num_top: int) -> dict[str, Any]:
     """Chat-style logprobs: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
     content = []

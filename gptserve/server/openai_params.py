@@ -29,6 +29,7 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     renames: dict[str, str] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The request's sampling fields as `SamplingParams`; a 400 naming the field if one is out of range."""
 
@@ -53,6 +54,7 @@ def build_sampling_params(
             ignore_eos=req.ignore_eos,
             min_tokens=req.min_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
         )

@@ -88,11 +88,12 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = ranged(None, **TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = ranged(None, **LOGPROBS)
 
 
 class CompletionRequest(SamplingFields, IgnoredFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=PROMPT)
-    max_tokens: int | None = ranged(16, minimum=1)
+    max_tokens: int | None = ranged(16, minimum=0)  # 0 with echo: score the prompt, generate nothing
     logprobs: int | None = ranged(None, **LOGPROBS)
     echo: bool = False
     best_of: int | None = ranged(None, minimum=1, maximum=MAX_N)

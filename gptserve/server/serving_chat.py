@@ -16,7 +16,7 @@ from gptserve.frontend.api_error import APIError
 from gptserve.frontend.disconnect import cancel_on_disconnect
 from gptserve.frontend.request_stream import RequestStream, abort_all
 from gptserve.server.errors import bad_request, to_api_error
-from gptserve.server.openai_format import chat_logprobs, usage
+from gptserve.server.openai_format import chat_logprobs, usage, vllm_prompt_logprobs
 from gptserve.server.openai_params import build_sampling_params
 from gptserve.server.openai_protocol import ChatCompletionRequest
 from gptserve.server.serving import OpenAIServing
@@ -67,7 +67,9 @@ async def create_chat_completion(
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     renames = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
-    params = build_sampling_params(req, max_tokens, num_top, renames)
+    if req.stream and req.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs is served without streaming", "stream")
+    params = build_sampling_params(req, max_tokens, num_top, renames, prompt_logprobs=req.prompt_logprobs)
     text = serving.render_chat(
         req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs
     )
@@ -95,8 +97,13 @@ async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
         )  # fmt: skip
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    extra: dict[str, Any] = {}
+    if job.req.prompt_logprobs is not None:
+        extra["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs or [], serving.tokens)
     return job.body(
-        choices, usage=usage(job.stream.num_prompt_tokens, completion_tokens, out.num_cached_tokens)
+        choices,
+        usage=usage(job.stream.num_prompt_tokens, completion_tokens, out.num_cached_tokens),
+        **extra,
     )
 
 

@@ -20,7 +20,13 @@ from gptserve.frontend.api_error import APIError
 from gptserve.frontend.disconnect import cancel_on_disconnect
 from gptserve.frontend.request_stream import RequestStream, abort_all
 from gptserve.server.errors import bad_request, to_api_error
-from gptserve.server.openai_format import completion_logprobs, usage
+from gptserve.server.openai_format import (
+    completion_logprobs,
+    echo_logprobs,
+    joined_logprobs,
+    usage,
+    vllm_prompt_logprobs,
+)
 from gptserve.server.openai_params import build_sampling_params
 from gptserve.server.openai_protocol import CompletionRequest
 from gptserve.server.serving import OpenAIServing
@@ -63,9 +69,14 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of different from n is not supported", "best_of")
-    if req.echo and req.logprobs is not None:
+    if req.max_tokens == 0 and not req.echo:
         raise bad_request(
-            "echo together with logprobs is not supported (prompt logprobs are not computed)", "echo"
+            "max_tokens must be at least 1 (0 only with echo: the prompt scored alone)", "max_tokens"
+        )
+    scored = req.echo and (req.logprobs is not None or req.max_tokens == 0)
+    if req.stream and (req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)):
+        raise bad_request(
+            "prompt log-probs (echo with logprobs, prompt_logprobs) are served without streaming", "stream"
         )
     prompts = _prompt_list(req.prompt)
     if not prompts:
@@ -73,7 +84,10 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     for p in prompts:
         if not isinstance(p, str):
             serving.check_token_ids(p, "prompt")  # before `echo` decodes them
-    params = build_sampling_params(req, req.max_tokens, req.logprobs)
+    prompt_logprobs = req.prompt_logprobs
+    if scored:
+        prompt_logprobs = max(prompt_logprobs or 0, req.logprobs or 0)
+    params = build_sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=prompt_logprobs)
     echo = None
     if req.echo:
         echo = [p if isinstance(p, str) else serving.decode(p) for p in prompts]
@@ -101,10 +115,16 @@ async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
             logprobs = None
             if req.logprobs is not None:
                 logprobs = completion_logprobs(c.logprobs or [], serving.tokens, len(prefix), req.logprobs)
-            choices.append(
-                {"index": i * req.n + c.index, "text": prefix + c.text, "logprobs": logprobs,
-                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-            )  # fmt: skip
+                if req.echo:
+                    prompt = echo_logprobs(
+                        out.prompt_token_ids, out.prompt_logprobs or [], serving.tokens, req.logprobs
+                    )
+                    logprobs = joined_logprobs(prompt, logprobs)
+            choice = {"index": i * req.n + c.index, "text": prefix + c.text, "logprobs": logprobs,
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}  # fmt: skip
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs or [], serving.tokens)
+            choices.append(choice)
     cached = sum(out.num_cached_tokens for out in finals)
     return job.body(choices, usage=usage(job.num_prompt_tokens, completion_tokens, cached))
 
