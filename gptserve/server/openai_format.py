@@ -70,28 +70,21 @@ def completion_logprobs(
     entries: list[TokenLogprob], tokens: TokenText, start_offset: int, num_top: int
 ) -> dict[str, Any]:
     """Completions-style logprobs for `entries`; `start_offset` is the text offset of the first token."""
-    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = start_offset
-    for e in entries:
-        text = tokens.text(e.token_id)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(e.logprob)
-        top: dict[str, float] = {}
-        for token_id, lp in e.top[:num_top]:
-            top.setdefault(tokens.text(token_id), lp)
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
+    return _logprob_columns([(e.token_id, e) for e in entries], tokens, start_offset, num_top)
 
 
 def echo_logprobs(
     prompt_token_ids: list[int], entries: list[TokenLogprob | None], tokens: TokenText, num_top: int
 ) -> dict[str, Any]:
     """Completions-style logprobs of an echoed prompt: the first token has none (null), as OpenAI's."""
+    return _logprob_columns(list(zip(prompt_token_ids, entries, strict=True)), tokens, 0, num_top)
+
+
+def _logprob_columns(
+    items: list[tuple[int, TokenLogprob | None]], tokens: TokenText, offset: int, num_top: int
+) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
-    for token_id, e in zip(prompt_token_ids, entries, strict=True):
+    for token_id, e in items:
         text = tokens.text(token_id)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if e is None else e.logprob)
