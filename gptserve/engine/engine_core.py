@@ -7,7 +7,8 @@ The core reports, for each request that progressed or ended, only what is new (`
 It never tokenizes, detokenizes or validates: the input processor did that before the request arrived,
 and the output processor turns deltas into text wherever the front-end runs it.
 
-Forking `n > 1` samples at the first sampling point and beam search (`BeamSearch`) live beside the loop.
+Forking `n > 1` samples at the first sampling point, beam search (`BeamSearch`) and prompt log-probabilities
+(`score_prompts`) live beside the loop.
 
 With asynchronous scheduling (on by default on CUDA), a step whose every running sequence just sampled
 launches the next decode step before its tokens reach the host (`RunAhead`): that step's input ids are
@@ -28,12 +29,12 @@ from gptserve.engine.beam_search import BeamSearch
 from gptserve.engine.core_io import EngineCoreOutput, EngineCoreRequest, SeqDelta
 from gptserve.engine.kv_cache_manager import KVCacheManager
 from gptserve.engine.model_runner import ModelRunner
+from gptserve.engine.prompt_logprobs import score_prompts
 from gptserve.engine.run_ahead import RunAhead
 from gptserve.engine.scheduler import SampledToken, ScheduledSeq, Scheduler
 from gptserve.engine.sequence import Request, Sequence
 from gptserve.engine.step_inputs import LogitsLayout
 from gptserve.layers.sampler import Sampler, SamplingRow, make_generator
-from gptserve.outputs import TokenLogprob
 from gptserve.sampling_params import SamplingParams
 
 
@@ -128,8 +129,8 @@ class EngineCore:
         self._finished_outside_step = []
         if scheduled:
             self.scheduler.record_computed(scheduled)
-            if layout.prompt_spans:
-                self._prompt_logprobs(scheduled, logits, layout, touched)
+            for request in score_prompts(scheduled, logits, layout):
+                touched[request.request_id] = request
             self._sample(scheduled, logits, layout, touched)
         return [self._output(request) for request in touched.values()]
 
@@ -187,46 +188,6 @@ class EngineCore:
         ]
         self.num_generated_tokens += len(sampled)
         self.scheduler.update(sampled)
-
-    def _prompt_logprobs(
-        self,
-        scheduled: list[ScheduledSeq],
-        logits: torch.Tensor,
-        layout: LogitsLayout,
-        touched: dict[str, Request],
-    ) -> None:
-        """Log-probs of the prompt tokens this step's chunks predict, with `prompt_logprobs` alternatives
-        each. Positions already reported (the chunk is a recompute after preemption) are skipped."""
-        for entry, first, count in layout.prompt_spans:
-            item = scheduled[entry]
-            request, seq = item.request, item.seq
-            if seq.finished:
-                continue
-            start = seq.num_computed_tokens - item.num_new_tokens  # the chunk's first position
-            skip = max(request.num_prompt_logprobs - start, 0)
-            if skip >= count:
-                continue
-            logprobs = logits[first + skip : first + count].float().log_softmax(dim=-1)
-            targets = seq.token_ids[start + 1 + skip : start + 1 + count]
-            index = torch.tensor(targets, device=logprobs.device)[:, None]
-            chosen_t = logprobs.gather(1, index)
-            ranks = (logprobs > chosen_t).sum(dim=-1).add_(1).tolist()
-            chosen = chosen_t.squeeze(1).tolist()
-            k = min(request.params.prompt_logprobs or 0, logprobs.shape[-1])
-            tops: list[list[tuple[int, float]]] = [[] for _ in targets]
-            if k:
-                values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
-                tops = [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
-            new = [
-                TokenLogprob(t, v, top, rank)
-                for t, v, top, rank in zip(targets, chosen, tops, ranks, strict=True)
-            ]
-            if request.new_prompt_logprobs is None:
-                request.new_prompt_logprobs = new
-            else:
-                request.new_prompt_logprobs += new
-            request.num_prompt_logprobs = start + count
-            touched[request.request_id] = request
 
     def _fork_samples(
         self, request: Request, seq_rows: list[tuple[Sequence, int]]
