@@ -25,11 +25,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", nargs="?", default=None, help="HF directory, .gguf file; none = embedded default"
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to run (auto: CUDA if present)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="weights' and activations' dtype (auto: the checkpoint's, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest sequence, prompt + output (default: the model's)",
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="tokens one engine step processes at most"
+    )
     parser.add_argument(
         "--kv-cache-memory",
         default=None,
@@ -42,9 +59,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="CUDA: the fraction of the GPU's memory this process may use; the KV cache gets what the "
         "weights and activations leave (ignored when --kv-cache-memory is given)",
     )
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument(
+        "--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prompt prefixes"
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over (one process each)"
+    )
     parser.add_argument(
         "--quantization",
         default="auto",
@@ -77,6 +98,56 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already tells it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "default" in help or action.default in (None, argparse.SUPPRESS) or action.default == []:
+            return help
+        return super()._get_help_string(action)
+
+
+class HelpWithListsFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`HelpFormatter`, with the description and epilog printed as written (line breaks kept)."""
+
+
+def add_log_level(parser: argparse.ArgumentParser, default: str = argparse.SUPPRESS) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log" + (" (default: info)" if default == argparse.SUPPRESS else ""),
+    )
+
+
+def _add_log_level_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--log-level` after any sub-command (and sub-sub-command), as well as before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                if "--log-level" not in child._option_string_actions:
+                    add_log_level(child)
+                _add_log_level_everywhere(child)
+
+
+def sampling_params_from_flags(**values):
+    """`SamplingParams` from command-line flags (None = the default); an out-of-range value raises a
+    `GptServeError` naming the flag (`--max-tokens`, not `max_tokens`), before anything is loaded."""
+    from gptserve.errors import InvalidRequestError
+    from gptserve.sampling_params import SamplingParams
+
+    try:
+        return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+    except InvalidRequestError as e:
+        param = e.param or ""
+        flag = "--" + param.replace("_", "-")
+        message = str(e)
+        if param and message.startswith(param):
+            message = flag + message[len(param) :]
+        raise GptServeError(message) from None
+
+
 def engine_options(args: argparse.Namespace):
     from gptserve.engine.engine_options import EngineOptions
 
@@ -101,11 +172,12 @@ def engine_options(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptserve", description="Local GPT inference server.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_log_level(parser, default="info")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {name: importlib.import_module(path) for name, path in COMMANDS.items()}
     for module in modules.values():
         module.add_parser(sub)
+    _add_log_level_everywhere(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

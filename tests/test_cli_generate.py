@@ -37,3 +37,11 @@ def test_missing_model_path_exits_with_message():
     result = _gptserve("generate", "/nonexistent/model", "-p", "hi")
     assert result.returncode == 2
     assert "/nonexistent/model" in result.stderr
+
+
+def test_generate_takes_a_positional_prompt():
+    prompt = "The capital of France is"
+    by_flag = _gptserve("generate", "-p", prompt, "--max-tokens", "4")
+    positional = _gptserve("generate", prompt, "--max-tokens", "4")
+    assert positional.returncode == 0, positional.stderr
+    assert positional.stdout == by_flag.stdout and positional.stdout.strip()

@@ -18,6 +18,14 @@ MODES = {
 NEEDS_ENGINE = {"latency", "throughput"}
 
 
+def _summary(doc: str) -> str:
+    """A module docstring's first paragraph as one line, without its "`gptserve bench X`: " head, so
+    that `--help` shows whole sentences."""
+    first = " ".join(doc.strip().split("\n\n")[0].split())
+    head, sep, rest = first.partition("`: ")
+    return rest[:1].upper() + rest[1:] if sep and head.startswith("`gptserve") else first
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from gptserve.cli import add_engine_args
 
@@ -28,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             module = importlib.import_module(path)
         except ImportError:
             continue
-        mp = modes.add_parser(mode, help=(module.__doc__ or "").split("\n")[0])
+        summary = _summary(module.__doc__ or "")
+        mp = modes.add_parser(mode, help=summary, description=summary)
         add_engine_args(mp)
         if mode in NEEDS_ENGINE:
             mp.add_argument(

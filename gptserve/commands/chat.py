@@ -24,13 +24,15 @@ HELP = """commands:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from gptserve.cli import add_engine_args
+    from gptserve.cli import HelpWithListsFormatter, add_engine_args
 
     p = sub.add_parser(
         "chat",
         help="chat with a model in the terminal (a local model, or a server with --url)",
-        description="Chat in the terminal. " + HELP.replace("\n", " "),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Chat in the terminal with MODEL (default: the embedded model) or a server (--url); "
+        "answers stream as they are generated.",
+        epilog="In the chat, " + HELP,
+        formatter_class=HelpWithListsFormatter,
     )
     add_engine_args(p)
     p.add_argument("--url", help="chat with the server at this address instead of loading a model")
@@ -38,11 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="with --url: the model to ask (default: the server's first)")
     p.add_argument("--chat-template", default=None, help="jinja2 chat template file overriding the model's")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (512)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the server's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: none, answers vary)")
 
 
 class ChatSession:
@@ -147,6 +149,13 @@ def run(args: argparse.Namespace) -> int:
         raise GptServeError("give MODEL or --url, not both")
     if args.model_name and not args.url:
         raise GptServeError("--model-name is for --url (a local model is served under its own name)")
+    from gptserve.cli import sampling_params_from_flags
+
+    # The flags are checked before anything loads or connects (the server would refuse them later).
+    sampling_params_from_flags(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed,
+    )  # fmt: skip
     options = Options(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -14,20 +14,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
+
+from gptserve.errors import GptServeError
 
 GiB = 1 << 30
 ENGINE_DEATH_GRACE_S = 2.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from gptserve.cli import add_engine_args
+    from gptserve.cli import HelpFormatter, add_engine_args
 
-    p = sub.add_parser("serve", help="serve models over HTTP and gRPC (OpenAI and Triton APIs)")
+    p = sub.add_parser(
+        "serve",
+        help="serve models over HTTP and gRPC (OpenAI and Triton APIs)",
+        description="Serve models: OpenAI API, Triton KServe v2 and /metrics on the HTTP port (8000), "
+        "Triton gRPC on 8001, /metrics alone on 8002.",
+        formatter_class=HelpFormatter,
+    )
     add_engine_args(p)
     p.add_argument(
         "--model-repository", action="append", default=[], metavar="DIR",
@@ -38,7 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="explicit: models load and unload only through the repository API (Triton's flag)",
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (OpenAI API, KServe v2, metrics)")
+    p.add_argument(
+        "--http-port", "--port", dest="http_port", type=int, default=8000,
+        help="HTTP port: OpenAI API, KServe v2, metrics (--port is the same flag)",
+    )  # fmt: skip
     p.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port; 0 = none")
     p.add_argument(
         "--metrics-port", type=int, default=8002, help="second port serving only /metrics; 0 = none"
@@ -64,7 +77,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
         help="answer CORS requests from these origins ('*' = any); without it no CORS headers are sent",
     )  # fmt: skip
-    p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+
+
+PORT_FLAGS = (("http_port", "--http-port"), ("grpc_port", "--grpc-port"), ("metrics_port", "--metrics-port"))
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    """Each requested port is in range, distinct and free on `--host`: bound and released at once, so
+    that a busy port is reported in one line before any model loads (the servers bind them for real
+    later, and the banner comes only once they have)."""
+    seen: dict[int, str] = {}
+    for attr, flag in PORT_FLAGS:
+        port = getattr(args, attr)
+        if port == 0 and attr != "http_port":
+            continue  # 0 = that server is off
+        if not 1 <= port <= 65535:
+            off = "" if attr == "http_port" else "; 0 = off"
+            raise GptServeError(f"{flag} {port}: not a TCP port (1-65535{off})")
+        if port in seen:
+            raise GptServeError(f"{flag} {port}: the same port as {seen[port]}")
+        seen[port] = flag
+        try:
+            infos = socket.getaddrinfo(args.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise GptServeError(f"--host {args.host}: cannot resolve it ({e.strerror})") from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and gRPC bind
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    cause = "already in use"
+                elif e.errno == errno.EACCES:
+                    cause = "permission denied (ports below 1024 need privileges)"
+                elif e.errno == errno.EADDRNOTAVAIL:
+                    cause = f"address {args.host} is not on this machine"
+                else:
+                    cause = e.strerror or str(e)
+                raise GptServeError(f"{flag} {port}: cannot listen on {args.host}:{port}: {cause}") from None
 
 
 def _banner(engine, names: list[str], args: argparse.Namespace, template_source: str, registry) -> str:
@@ -110,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from gptserve.triton.registry import ModelRegistry
 
     args.api_key = args.api_key or os.environ.get("GPTSERVE_API_KEY") or None
+    check_ports(args)
     if args.max_queue_len is not None and args.max_queue_len < 1:
         print("gptserve serve: error: --max-queue-len must be at least 1", file=sys.stderr)
         return 2
@@ -152,13 +204,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         template_source = "none (chat completions answer 400; pass --chat-template)"
     llm = async_engine.engine
-    print(_banner(llm, config.served_model_names, args, template_source, registry), flush=True)
+    banner = _banner(llm, config.served_model_names, args, template_source, registry)
     # What start-up built (modules, weights, tokenizers, routes) lives as long as the server: keep it out
     # of the cyclic garbage collector's full passes, which would otherwise walk it in the middle of steps.
     gc.freeze()
 
+    class AnnouncingServer(DrainingServer):
+        """Prints the banner once every socket is bound (gRPC in the lifespan, then HTTP): a port that
+        turned out busy is never announced."""
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                print(banner, flush=True)
+
     log_level = getattr(args, "log_level", "info")
-    server = DrainingServer(
+    server = AnnouncingServer(
         uvicorn.Config(app, host=args.host, port=args.http_port, log_level=log_level, lifespan="on")
     )
     async_engine.on_dead.append(  # runs on the event loop
@@ -168,9 +229,12 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics_server = None
     if args.metrics_port:
-        metrics_server, _ = start_http_server(
-            args.metrics_port, addr=args.host, registry=app.state.metrics.registry
-        )
+        try:
+            metrics_server, _ = start_http_server(
+                args.metrics_port, addr=args.host, registry=app.state.metrics.registry
+            )
+        except OSError as e:
+            raise GptServeError(f"--metrics-port {args.metrics_port}: cannot listen: {e.strerror}") from None
     try:
         asyncio.run(server.serve())
     finally:
