@@ -60,7 +60,7 @@ def summary(results: Sequence[Result], wall_s: float) -> str:
     """One line: requests, failures, tokens and the rate over the whole run."""
     failed = sum(1 for r in results if r.error)
     tokens = [r.num_tokens for r in results if r.num_tokens is not None and not r.error]
-    line = f"{len(results)} requests, {failed} failed, {wall_s:.2f}s"
+    line = f"{len(results)} request{'' if len(results) == 1 else 's'}, {failed} failed, {wall_s:.2f}s"
     if tokens:
         line += f", {sum(tokens)} tokens generated ({sum(tokens) / max(wall_s, 1e-9):.1f} tokens/s)"
     return line

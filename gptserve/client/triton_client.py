@@ -178,6 +178,20 @@ class TritonClient:
             self._word_ids[word] = list(response.json()["tokens"])
         return self._word_ids[word]
 
+    def _count_tokens(self, text: str) -> int | None:
+        """The tokens of `text` by the server's tokenizer (`/tokenize`), or None where it cannot say."""
+        if not text:
+            return 0
+        try:
+            response = self.http.post(
+                f"{self.http_url}/tokenize", json={"prompt": text, "add_special_tokens": False}
+            )
+            if response.status_code != 200:
+                return None
+            return len(response.json()["tokens"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
     def tensors(self, prompt: Prompt, options: Options) -> dict[str, np.ndarray]:
         """The request's input tensors, each in the datatype the model declares."""
         model = self.interface
@@ -255,6 +269,12 @@ class TritonClient:
         result.latency_s = time.perf_counter() - start
         result.beams = texts
         result.text = texts[0] if texts else ""
+        if result.num_tokens is None:  # FT's ensemble returns text only: count its tokens
+            result.num_tokens = self._count_tokens(result.text)
+        if result.num_tokens is not None:
+            # Triton's outputs carry no finish reason: a full-length output hit the limit; a shorter one
+            # ended on the end id or a stop word.
+            result.finish_reason = "length" if result.num_tokens >= options.max_tokens else "stop"
         if (
             on_text is not None
             and result.text
@@ -285,6 +305,8 @@ class TritonClient:
         name = "text_output" if kind == "text" else "OUTPUT_0"
         if name not in outputs:
             return texts
+        if kind == "text" and "sequence_length" in outputs:  # exclude_input_in_output: generated only
+            result.num_tokens = int(np.asarray(outputs["sequence_length"]).reshape(-1)[0])
         pieces = [_text(v) for v in np.asarray(outputs[name], dtype=np.object_).reshape(-1)]
         if kind == "ensemble" and isinstance(prompt, str):  # FT's postprocessing decodes the prompt too
             pieces = [p[len(prompt) :] if p.startswith(prompt) else p for p in pieces]

@@ -11,7 +11,8 @@ Every row of a batch is its own engine request, submitted together and batched c
 other traffic; nothing waits for the longest row. Streaming (a decoupled config, or a request whose
 `stream` input or parameter is true) answers as it goes: the token form once per generated token (as
 FT's decoupled mode; beam search once per step) with the full `output_ids`/`sequence_length` so far,
-the text form once per engine step with the text added since the previous response. Closing
+the text form once per engine step with the text added since the previous response (its last
+response also carries `sequence_length`: the tokens of the sequence `text_output` holds, as in FT). Closing
 the stream or cancelling the caller aborts every row, which frees its KV blocks.
 
 In the text form `text_output` is [batch, beams]; without streaming it starts with the prompt, as in
@@ -302,7 +303,24 @@ class LLMModel(TritonModel):
             tensors = ft.assemble_outputs(job.token_request, results)
         else:
             tensors = {"text_output": self._texts(job, latest, deltas)}
+            if final:  # the tokens behind the text, so that clients can tell counts and finish reasons
+                tensors["sequence_length"] = self._text_lengths(job, latest, streamed=deltas is not None)
         return make_response(self, request, tensors, final)
+
+    @staticmethod
+    def _text_lengths(job: _Job, latest: list[RequestOutput | None], streamed: bool) -> np.ndarray:
+        """The text form's `sequence_length` [batch, beams]: as in FT, the tokens of the sequence
+        `text_output` holds: the generated ones, plus the prompt's where the output starts with it."""
+        width = max(p.n for p in job.params)
+        out = np.zeros((len(latest), width), dtype=np.uint32)
+        for b, row in enumerate(latest):
+            if row is None:
+                continue
+            prompt = 0 if streamed or job.exclude_input else len(row.prompt_token_ids or [])
+            for c in row.outputs:
+                if c.index < width:
+                    out[b, c.index] = prompt + len(c.token_ids)
+        return out
 
     def _token_steps(
         self,

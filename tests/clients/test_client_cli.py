@@ -55,8 +55,26 @@ def test_same_greedy_answers_on_every_protocol(capsys, tiny_server, greedy, prot
     assert all(r["error"] is None and r["latency_s"] > 0 for r in results)
     if stream:
         assert all(r["ttft_s"] is not None and r["ttft_s"] <= r["latency_s"] for r in results)
-    if protocol == "openai":
-        assert all(r["num_tokens"] == 12 and r["finish_reason"] == "length" for r in results)
+    # Every protocol fills the tokens and finish columns (Triton's text form: the output's tokens).
+    assert all(r["num_tokens"] == 12 and r["finish_reason"] == "length" for r in results), results
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_tokens_and_finish_columns(capsys, tiny_server, greedy, protocol):
+    http_url = [] if protocol == "http" else ["--http-url", tiny_server.url]
+    rc, out, err = client(capsys, tiny_server, protocol, *http_url, "--max-tokens", "12", PROMPTS[0])
+    assert rc == 0, err
+    row = out.splitlines()[2].split()
+    assert row[:2] == ["1", "12"] and row[4] == "length", out
+    # A stop word ends the answer early: finish reason "stop", fewer tokens.
+    words = greedy[0].split()
+    rc, doc, err = client(
+        capsys, tiny_server, protocol, *http_url, "--json", "--max-tokens", "12", "--stop-words", words[1],
+        PROMPTS[0],
+    )  # fmt: skip
+    assert rc == 0, err
+    (result,) = doc["results"]
+    assert result["finish_reason"] == "stop" and 0 <= result["num_tokens"] < 12, result
 
 
 def test_table_and_live_streaming(capsys, tiny_server, greedy):
@@ -70,7 +88,7 @@ def test_table_and_live_streaming(capsys, tiny_server, greedy):
     rc, out, _ = client(capsys, tiny_server, "grpc", "--stream", "-c", "1", "--max-tokens", "12", PROMPTS[0])
     assert rc == 0
     assert out.startswith(f"[1] {PROMPTS[0]}\n{greedy[0]}\n")  # the answer as it streamed, then a summary
-    assert out.rstrip().splitlines()[-1].startswith("1 requests, 0 failed")
+    assert out.rstrip().splitlines()[-1].startswith("1 request, 0 failed")
 
 
 def test_prompts_from_files_and_stdin(capsys, monkeypatch, tmp_path, tiny_server, greedy):
