@@ -69,7 +69,7 @@ class EngineCore:
         params = request.params
         token_ids = request.prompt_token_ids
         seq = Sequence(list(token_ids), len(token_ids), generator=self._generator(params, 0))
-        queued = Request(request.request_id, None, token_ids, params, [seq])
+        queued = Request(request.request_id, token_ids, params, [seq])
         self.requests[request.request_id] = queued
         self.scheduler.add(queued)
         self.num_prompt_tokens += len(token_ids)

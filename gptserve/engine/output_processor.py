@@ -91,9 +91,6 @@ class OutputProcessor:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
 
-    def __len__(self) -> int:
-        return len(self._requests)
-
     def process(self, out: EngineCoreOutput) -> tuple[RequestOutput | None, list[int]]:
         """Apply one core output. Returns the request's output to hand on (None for a request this
         processor no longer tracks) and the indices of sequences a stop string just ended, which the

@@ -92,7 +92,6 @@ class Request:
     """A user request: a prompt, its sampling parameters and the sequences generated for it."""
 
     request_id: str
-    prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]

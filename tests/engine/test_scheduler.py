@@ -22,7 +22,7 @@ def make_scheduler(num_blocks: int = 64, **config) -> Scheduler:
 def make_request(name: str, prompt: list[int] | range, max_tokens: int = 4, n: int = 1) -> Request:
     prompt = list(prompt)
     params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
-    return Request(name, None, prompt, params, [Sequence(list(prompt), len(prompt))])
+    return Request(name, prompt, params, [Sequence(list(prompt), len(prompt))])
 
 
 def next_token(seq: Sequence) -> int:
@@ -402,7 +402,7 @@ def test_a_lookup_given_back_for_lack_of_blocks_counts_once():
 
 def _update_one(sched: Scheduler, params: SamplingParams, tokens: list[int]) -> Sequence:
     """Feed `tokens` to one admitted sequence through `Scheduler.update`, stopping once it ended."""
-    request = Request("r", None, [1, 2, 3], params, [Sequence([1, 2, 3], 3)])
+    request = Request("r", [1, 2, 3], params, [Sequence([1, 2, 3], 3)])
     sched.add(request)
     sched.record_computed(sched.schedule().scheduled)
     seq = request.seqs[0]
