@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from gptserve.errors import InvalidRequestError
 
@@ -13,6 +15,73 @@ MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on what a request may generate: exactly one of a JSON schema (`json`, a dict or its
+    text), any JSON object (`json_object`), a regular expression, a list of choices, or a grammar (Lark,
+    or GBNF/EBNF as llama.cpp writes it). `whitespace_pattern` (a regex) replaces the whitespace JSON
+    allows between tokens, which is otherwise bounded so that a model cannot loop on it ("": none at all,
+    compact JSON). `param` names
+    the request field the constraint came from, for errors."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    whitespace_pattern: str | None = None
+    param: str = field(default="structured_outputs", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.choice is not None and not isinstance(self.choice, tuple):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [
+            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None
+        ] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            what = ", ".join(given) if given else "none"
+            raise InvalidRequestError(
+                f"{self.param} must hold exactly one of json, json_object, regex, choice or grammar "
+                f"(got {what})",
+                self.param,
+            )
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except ValueError as e:
+                raise InvalidRequestError(
+                    f"{self.param}: the JSON schema is not valid JSON: {e}", self.param
+                ) from None
+            object.__setattr__(self, "json", schema)
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise InvalidRequestError(f"{self.param}: a JSON schema must be an object", self.param)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidRequestError(f"{self.param}: {name} must be a non-empty string", self.param)
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            raise InvalidRequestError(f"{self.param}: whitespace_pattern must be a string", self.param)
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise InvalidRequestError(
+                f"{self.param}: choice must be a non-empty list of non-empty strings", self.param
+            )
+
+    @property
+    def key(self) -> str:
+        """The constraint as canonical text: equal constraints compile once."""
+        fields = {
+            "json": self.json,
+            "json_object": self.json_object,
+            "regex": self.regex,
+            "choice": self.choice,
+            "grammar": self.grammar,
+            "whitespace_pattern": self.whitespace_pattern,
+        }
+        return json.dumps(fields, sort_keys=True)
+
+
 @dataclass
 class SamplingParams:
     """How to pick the next tokens of one request.
@@ -21,7 +90,8 @@ class SamplingParams:
     search (the FasterTransformer option), in which case sampling fields other than the penalties are
     ignored and `n` beams are returned (`n <= beam_width`). `prompt_logprobs` asks for the log-probability
     of every prompt token after the first (with that many alternatives each); with it, `max_tokens=0`
-    scores the prompt without generating.
+    scores the prompt without generating. `structured_outputs` constrains the output to a JSON schema,
+    a regex, a choice or a grammar.
     """
 
     n: int = 1
@@ -47,6 +117,7 @@ class SamplingParams:
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -139,6 +210,11 @@ class SamplingParams:
         c(
             self.prompt_logprobs is None or self.beam_width == 1,
             "prompt_logprobs",
+            "is not served with beam search",
+        )
+        c(
+            self.structured_outputs is None or self.beam_width == 1,
+            "structured_outputs",
             "is not served with beam search",
         )
         bias = self.logit_bias or {}

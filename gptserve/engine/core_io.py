@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gptserve.engine.grammar import GrammarState
 from gptserve.outputs import TokenLogprob
 from gptserve.sampling_params import SamplingParams
 
@@ -21,6 +22,7 @@ class EngineCoreRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    grammar: GrammarState | None = None  # structured output: the compiled constraint, at its start
 
 
 @dataclass(slots=True)

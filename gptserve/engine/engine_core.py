@@ -27,6 +27,7 @@ import torch
 from gptserve.config import EngineConfig
 from gptserve.engine.beam_search import BeamSearch
 from gptserve.engine.core_io import EngineCoreOutput, EngineCoreRequest, SeqDelta
+from gptserve.engine.grammar import fill_token_bitmask
 from gptserve.engine.kv_cache_manager import KVCacheManager
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.prompt_logprobs import score_prompts
@@ -34,7 +35,7 @@ from gptserve.engine.run_ahead import RunAhead
 from gptserve.engine.scheduler import SampledToken, ScheduledSeq, Scheduler
 from gptserve.engine.sequence import Request, Sequence
 from gptserve.engine.step_inputs import LogitsLayout
-from gptserve.layers.sampler import Sampler, SamplingRow, make_generator
+from gptserve.layers.sampler import Sampler, SamplingRow, TokenBitmask, make_generator
 from gptserve.sampling_params import SamplingParams
 
 
@@ -68,7 +69,9 @@ class EngineCore:
         """Queue a request the input processor has validated."""
         params = request.params
         token_ids = request.prompt_token_ids
-        seq = Sequence(list(token_ids), len(token_ids), generator=self._generator(params, 0))
+        seq = Sequence(
+            list(token_ids), len(token_ids), generator=self._generator(params, 0), grammar=request.grammar
+        )
         queued = Request(request.request_id, token_ids, params, [seq])
         self.requests[request.request_id] = queued
         self.scheduler.add(queued)
@@ -173,6 +176,7 @@ class EngineCore:
                 sampling_rows.append(self._sampling_row(request, seq))
         if not rows:
             return
+        allowed = self._grammar_masks(targets, logits.shape[-1])
         before_fetch = None
         if self.run_ahead.allowed(scheduled, targets):
 
@@ -180,7 +184,7 @@ class EngineCore:
                 if self.run_ahead.launch(targets, tokens):
                     self.num_steps += 1
 
-        result = self.sampler(logits[rows], sampling_rows, before_fetch=before_fetch)
+        result = self.sampler(logits[rows], sampling_rows, before_fetch=before_fetch, allowed=allowed)
         tops = result.top_logprobs  # None where a row did not ask for logprobs
         sampled = [
             SampledToken(request, seq, token, logprob, top)
@@ -188,6 +192,15 @@ class EngineCore:
         ]
         self.num_generated_tokens += len(sampled)
         self.scheduler.update(sampled)
+
+    def _grammar_masks(self, targets: list[tuple[Request, Sequence]], vocab: int) -> TokenBitmask | None:
+        """The allowed next tokens of the constrained rows, computed on the host (while the GPU runs the
+        step) and applied to the logits by the sampler, outside any CUDA graph."""
+        constrained = [j for j, (_, seq) in enumerate(targets) if seq.grammar is not None]
+        if not constrained:
+            return None
+        states = [targets[j][1].grammar for j in constrained]
+        return TokenBitmask(constrained, fill_token_bitmask(states, vocab))
 
     def _fork_samples(
         self, request: Request, seq_rows: list[tuple[Sequence, int]]
@@ -215,7 +228,7 @@ class EngineCore:
         reads_output = (
             penalised or params.frequency_penalty or params.presence_penalty or params.bad_words_ids
         )
-        if not forbidden and not reads_output:
+        if not forbidden and not reads_output and seq.grammar is None:
             seq.sampling_row = SamplingRow(params, seq.generator, (), ())
             return seq.sampling_row
         return SamplingRow(

@@ -2,21 +2,24 @@
 
 It renders chat messages with the model's chat template, tokenizes text prompts and checks what the
 engine core will trust without looking again: every token id inside the vocabulary, the prompt within
-the model's context (and, where the caller asks for it, the prompt plus `max_tokens`), and the sampling
-values against the vocabulary. The OpenAI routes, the Triton models and `LLM` all call it; its errors
-are `InvalidRequestError`s naming the field at fault.
+the model's context (and, where the caller asks for it, the prompt plus `max_tokens`), the sampling
+values against the vocabulary, and a structured-output constraint, which it compiles (`GrammarCompiler`,
+cached per constraint; `compile_grammar` lets a front-end compile off its event loop first). The
+OpenAI routes, the Triton models and `LLM` all call it; its errors are `InvalidRequestError`s naming
+the field at fault.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from gptserve.engine.chat_template import ChatTemplate
 from gptserve.engine.core_io import EngineCoreRequest
+from gptserve.engine.grammar import CompiledGrammar, GrammarCompiler
 from gptserve.errors import InvalidRequestError
 from gptserve.sampling_params import SamplingParams
 
@@ -30,12 +33,14 @@ class InputProcessor:
         vocab_size: int,
         max_model_len: int,
         chat_template: ChatTemplate | None = None,
+        eos_token_ids: Iterable[int] = (),
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         # None: no template (rendering refuses, naming `--chat-template`)
         self.chat_template = chat_template or ChatTemplate(None)
+        self.grammars = None if tokenizer is None else GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
 
     def render_chat(
         self,
@@ -51,6 +56,16 @@ class InputProcessor:
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: send token ids instead of text", param)
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
+        """The compiled structured-output constraint of `params` (None without one); an
+        `InvalidRequestError` naming the field if it is invalid. Cached: a second call costs a lookup."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self.grammars is None:
+            raise InvalidRequestError("structured output needs the model's tokenizer", spec.param)
+        return self.grammars.compile(spec)
 
     def check_token_ids(self, token_ids: Sequence[int], param: str = "prompt") -> None:
         """Every id inside the vocabulary (the tokenizer cannot decode the others: an id below 0 or beyond
@@ -124,4 +139,6 @@ class InputProcessor:
                 "context_length_exceeded",
             )
         params.check_vocab(self.vocab_size)
-        return EngineCoreRequest(request_id, token_ids, params)
+        grammar = self.compile_grammar(params)
+        state = None if grammar is None else grammar.new_state()
+        return EngineCoreRequest(request_id, token_ids, params, state)

@@ -44,7 +44,9 @@ class LLMEngine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.core = EngineCore(config, runner, self.eos_token_ids)
-        self.input_processor = InputProcessor(tokenizer, config.model.vocab_size, self.max_model_len)
+        self.input_processor = InputProcessor(
+            tokenizer, config.model.vocab_size, self.max_model_len, eos_token_ids=self.eos_token_ids
+        )
         self.output_processor = OutputProcessor(tokenizer, self.eos_token_ids)
 
     @property

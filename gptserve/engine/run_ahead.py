@@ -10,6 +10,8 @@ Rows that must run synchronously (the step is not launched ahead when any of the
 - a sequence whose sampling reads its token history (repetition, frequency or presence penalties, bad
   words) or forbids tokens for now (`min_tokens` not yet reached): its next row depends on the token the
   host has not seen yet;
+- a sequence with structured output: its next mask depends on this step's token, which its grammar must
+  accept on the host first;
 - a batch in which waiting requests could be admitted at the next step (they would wait a step longer).
 A sequence that ends at this step (EOS, a stop token or string, an abort) wastes its row of the step
 ahead, whose token is dropped; one that ends by length is left out of it beforehand.

@@ -8,8 +8,9 @@ come back from the prefix cache). All sequences of a request step together, so n
 beams always reach their sampling point in the same step.
 
 After the model ran, `record_computed` counts the computed tokens and caches the blocks they filled, and
-`update` appends the sampled tokens and applies the stop conditions that are token ids (EOS, stop tokens,
-stop token sequences, lengths), freeing the blocks of every sequence that ended.
+`update` appends the sampled tokens, advances structured-output grammars and applies the stop conditions
+that are token ids (EOS, stop tokens, stop token sequences, a completed grammar, lengths), freeing the
+blocks of every sequence that ended.
 """
 
 from __future__ import annotations
@@ -253,6 +254,13 @@ class Scheduler:
             elif params.stop_token_sequences and any(
                 ends_with(seq.output_token_ids, stop) for stop in params.stop_token_sequences
             ):
+                seq.finish_reason = "stop"
+        if seq.grammar is not None and seq.finish_reason is None:
+            # The mask allowed only what the grammar accepts; a rejected token (possible only when
+            # every token was masked, e.g. EOS forbidden by min_tokens) ends the sequence.
+            if not seq.grammar.accept(token):
+                seq.finish_reason = "abort"
+            elif seq.grammar.complete:  # nothing may follow: end now rather than sample the EOS
                 seq.finish_reason = "stop"
         if seq.finish_reason is None and self.ends_by_length(s.request, n_out, seq.num_tokens):
             seq.finish_reason = "length"

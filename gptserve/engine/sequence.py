@@ -51,6 +51,8 @@ class Sequence:
     # The engine's sampling row for this sequence when it never changes (no history read, nothing
     # forbidden), built once instead of every step.
     sampling_row: Any = None
+    # Structured output: where the output stands in its grammar (engine.grammar.GrammarState), or None.
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +86,7 @@ class Sequence:
             block_hashes=list(self.block_hashes),
             cumulative_logprob=self.cumulative_logprob,
             logprobs=list(self.logprobs),
+            grammar=None if self.grammar is None else self.grammar.copy(),
         )
 
 

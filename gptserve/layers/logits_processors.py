@@ -23,6 +23,17 @@ def add_logit_bias(
     logits.index_put_((rows, tokens), bias.to(logits.dtype), accumulate=True)
 
 
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set `logits[rows[i], t]` to -inf wherever bit `t % 32` of `bitmask[i, t // 32]` is clear, in place.
+
+    `bitmask` is int32 [len(rows), ceil(vocab / 32)] on the logits' device (a grammar's allowed tokens).
+    """
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(bitmask.shape[0], -1)[:, :vocab]
+    logits[rows] = logits[rows].masked_fill(~allowed, _NEG_INF)
+
+
 def ban_tokens(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
     """Set `logits[rows[i], tokens[i]]` to -inf, in place; repeated pairs are harmless."""
     logits.index_put_((rows, tokens), logits.new_full((), _NEG_INF))

@@ -1,10 +1,11 @@
 """Next-token selection for a batch in which every row carries its own `SamplingParams`.
 
 The sampler owns the order of the stages (the same as vLLM and Hugging Face, so results can be compared
-with them): logit bias and bad words, engine-forbidden ids, repetition penalty, frequency and presence
-penalties; then greedy rows take the argmax and sampling rows go through temperature, top-k, top-p,
-min-p and a draw. Each stage runs only on the rows that use it and is skipped when none does, so an
-all-greedy or plain-temperature batch costs little more than an argmax or one noise draw per row.
+with them): grammar masks (the tokens a structured-output row may take), logit bias and bad words,
+engine-forbidden ids, repetition penalty, frequency and presence penalties; then greedy rows take the
+argmax and sampling rows go through temperature, top-k, top-p, min-p and a draw. Each stage runs only
+on the rows that use it and is skipped when none does, so an all-greedy or plain-temperature batch
+costs little more than an argmax or one noise draw per row.
 
 Draws use the exponential race: `argmax(probs / E)` with `E ~ Exponential(1)` drawn over the full
 vocabulary from the row's own generator, computed as `argmax(logits / T - log E)`. A seeded row therefore
@@ -44,6 +45,15 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     forbidden_token_ids: Sequence[int] = ()  # e.g. EOS and stop ids while the output is below min_tokens
+
+
+@dataclass
+class TokenBitmask:
+    """Allowed tokens of some rows (a grammar's): `bits[i]` (int32, bit `t % 32` of word `t // 32` set when
+    token t is allowed) belongs to row `rows[i]`. Built on the host; the sampler moves it to the logits."""
+
+    rows: list[int]
+    bits: torch.Tensor
 
 
 @dataclass
@@ -126,15 +136,17 @@ class Sampler:
         logits: torch.Tensor,
         rows: list[SamplingRow],
         before_fetch: Callable[[torch.Tensor], None] | None = None,
+        allowed: TokenBitmask | None = None,
     ) -> SamplerOutput:
         """One token per row. `before_fetch` is handed the chosen tokens on the logits' device before
-        they are copied to the host (the engine launches its next step from them)."""
+        they are copied to the host (the engine launches its next step from them); `allowed` limits
+        some rows to the tokens their grammar allows."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} sampling rows")
         if not rows:
             return SamplerOutput([], [], [])
         raw = logits.float()
-        processed = self.process_logits(raw, rows)
+        processed = self.process_logits(raw, rows, allowed)
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         if len(greedy) == len(rows):
             tokens = row_argmax(processed)
@@ -150,8 +162,10 @@ class Sampler:
                 tokens = drawn
         return self._with_logprobs(raw, tokens, rows, before_fetch)
 
-    def process_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Logit bias, bans and penalties, which greedy and sampling rows share.
+    def process_logits(
+        self, logits: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None = None
+    ) -> torch.Tensor:
+        """Grammar masks, logit bias, bans and penalties, which greedy and sampling rows share.
 
         Returns `logits` itself when no row uses any of them, else a modified copy.
         """
@@ -179,10 +193,13 @@ class Sampler:
                 repetition.append(i)
             if (params.frequency_penalty or params.presence_penalty) and row.output_token_ids:
                 frequency.append(i)
-        if not (bias_rows or ban_rows or repetition or frequency):
+        if not (bias_rows or ban_rows or repetition or frequency or allowed is not None):
             return logits
 
         x = logits.clone(memory_format=torch.contiguous_format)
+        if allowed is not None and allowed.rows:
+            bits = _to_device(allowed.bits, device)
+            lp.apply_token_bitmask(x, _long(allowed.rows, device), bits)
         if bias_rows:
             bias = _float(bias_values, device)
             lp.add_logit_bias(x, _long(bias_rows, device), _long(bias_tokens, device), bias)

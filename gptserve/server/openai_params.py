@@ -1,7 +1,8 @@
 """From an OpenAI request body to engine `SamplingParams`.
 
-Range checks live in `SamplingParams`; its errors name the engine's field, which `renames` maps back
-to the name the client used (chat's `max_completion_tokens`, `top_logprobs`).
+The structured-output constraint comes from `structured_request.py`. Range checks live in
+`SamplingParams`; its errors name the engine's field, which `renames` maps back to the name the client
+used (chat's `max_completion_tokens`, `top_logprobs`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from gptserve.errors import InvalidRequestError
 from gptserve.sampling_params import SamplingParams
 from gptserve.server.errors import bad_request, to_api_error
 from gptserve.server.openai_protocol import SamplingFields
+from gptserve.server.structured_request import structured_outputs
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
@@ -57,6 +59,7 @@ def build_sampling_params(
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_outputs=structured_outputs(req),
         )
     except InvalidRequestError as e:
         raise to_api_error(e, renames) from None

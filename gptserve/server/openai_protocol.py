@@ -44,6 +44,45 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar or json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False  # compact JSON
+
+
+class StructuredFields(OpenAIModel):
+    """Ways to constrain the output (at most one per request); see `structured_request.py`."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    # vLLM's older names for the same
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+
 class IgnoredFields(OpenAIModel):
     """OpenAI fields that are accepted and ignored, so that clients which always send them work: this
     server stores no completions (`store`, `metadata`), keeps no per-user accounting (`user`) and has one
@@ -59,7 +98,7 @@ class IgnoredFields(OpenAIModel):
 IGNORED_FIELDS = tuple(IgnoredFields.model_fields)
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(StructuredFields):
     """The sampling fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -125,7 +164,6 @@ class ChatCompletionRequest(SamplingFields, IgnoredFields):
     max_completion_tokens: int | None = ranged(None, minimum=1)
     logprobs: bool = False
     top_logprobs: int | None = ranged(None, **LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # nothing to parallelize while `tools` are refused

@@ -22,6 +22,7 @@ from gptserve.server.openai_protocol import ChatCompletionRequest
 from gptserve.server.serving import OpenAIServing
 from gptserve.server.stream_usage import StreamUsage, check_stream_options
 from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
+from gptserve.server.structured_request import compile_constraint
 
 
 @dataclass
@@ -47,10 +48,6 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("tool calling is not supported by this server", "tools")
     if req.tool_choice not in (None, "none"):
         raise bad_request("tool_choice is not supported by this server (tools are not)", "tool_choice")
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise bad_request(
-            f"response_format {req.response_format.get('type')!r} is not supported", "response_format"
-        )
     if req.echo:
         raise bad_request("echo is not supported for chat completions", "echo")
     if req.top_logprobs is not None and not req.logprobs:
@@ -70,6 +67,7 @@ async def create_chat_completion(
     if req.stream and req.prompt_logprobs is not None:
         raise bad_request("prompt_logprobs is served without streaming", "stream")
     params = build_sampling_params(req, max_tokens, num_top, renames, prompt_logprobs=req.prompt_logprobs)
+    await compile_constraint(serving, params)
     text = serving.render_chat(
         req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs
     )

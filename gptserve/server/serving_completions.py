@@ -32,6 +32,7 @@ from gptserve.server.openai_protocol import CompletionRequest
 from gptserve.server.serving import OpenAIServing
 from gptserve.server.stream_usage import StreamUsage, check_stream_options
 from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
+from gptserve.server.structured_request import compile_constraint
 
 
 def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -88,6 +89,7 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     if scored:
         prompt_logprobs = max(prompt_logprobs or 0, req.logprobs or 0)
     params = build_sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=prompt_logprobs)
+    await compile_constraint(serving, params)
     echo = None
     if req.echo:
         echo = [p if isinstance(p, str) else serving.decode(p) for p in prompts]
