@@ -56,6 +56,7 @@ class ServerConfig:
     max_request_bytes: int | None = DEFAULT_MAX_REQUEST_BYTES  # None = no limit
     request_timeout: float | None = None  # seconds; None = none
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
+    tool_call_parser: str = "auto"  # the tool-call format; auto = the one the chat template shows
 
 
 def make_api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
@@ -116,6 +117,7 @@ def build_app(
         names,
         config.max_queue_len,
         config.model_path,
+        config.tool_call_parser,
     )
     require_api_key = make_api_key_check(config.api_key)
 

@@ -30,6 +30,7 @@ ENGINE_DEATH_GRACE_S = 2.0
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from gptserve.cli import HelpFormatter, add_engine_args
+    from gptserve.server.tool_parsers import PARSER_NAMES
 
     p = sub.add_parser(
         "serve",
@@ -61,6 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use for the model")
     p.add_argument("--chat-template", default=None, help="jinja2 chat template file overriding the model's")
+    p.add_argument(
+        "--tool-call-parser", choices=PARSER_NAMES, default="auto",
+        help="how the model writes tool calls: hermes, llama3_json, mistral, or generic (the server "
+        "describes the tools in a system message, Hermes's format); auto (default) = the one the chat "
+        "template shows",
+    )  # fmt: skip
     p.add_argument(
         "--max-queue-len", type=int, default=None, help="waiting requests beyond which new ones get 503"
     )
@@ -194,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes or None,
         request_timeout=args.request_timeout,
         allowed_origins=args.allowed_origins or [],
+        tool_call_parser=args.tool_call_parser,
     )
     app = build_app(engine, config, registry)
     async_engine = app.state.async_engine

@@ -145,6 +145,27 @@ class TextPart(OpenAIModel):
     text: str
 
 
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None = no arguments
+    strict: bool | None = None  # arguments always follow the schema when the call is constrained
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
@@ -164,9 +185,9 @@ class ChatCompletionRequest(SamplingFields, IgnoredFields):
     max_completion_tokens: int | None = ranged(None, minimum=1)
     logprobs: bool = False
     top_logprobs: int | None = ranged(None, **LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # nothing to parallelize while `tools` are refused
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # vLLM's extras
     echo: bool = False
     add_generation_prompt: bool = True
@@ -189,6 +210,7 @@ class TokenizeChatRequest(OpenAIModel):
     add_special_tokens: bool = False
     return_token_strs: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # rendered as a chat completion with these tools would be
 
 
 class DetokenizeRequest(OpenAIModel):

@@ -25,6 +25,7 @@ from gptserve.server.serving import OpenAIServing
 from gptserve.server.serving_chat import create_chat_completion
 from gptserve.server.serving_completions import create_completion
 from gptserve.server.tokenizer_info import tokenizer_info
+from gptserve.server.tool_request import ToolPlan
 
 
 def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
@@ -55,9 +56,10 @@ def build_openai_router(serving: OpenAIServing, auth: Any) -> APIRouter:
             if "messages" in body:
                 chat = TokenizeChatRequest.model_validate(body)
                 serving.model_name(chat.model)
+                tools = ToolPlan(serving.tool_parser, "auto" if chat.tools else None, chat.tools or [])
                 text = serving.render_chat(
                     chat.messages, chat.add_generation_prompt, chat.continue_final_message,
-                    chat.chat_template_kwargs,
+                    chat.chat_template_kwargs, tools,
                 )  # fmt: skip
                 add_special, want_strs = chat.add_special_tokens, chat.return_token_strs
             else:

@@ -16,6 +16,8 @@ from gptserve.sampling_params import SamplingParams
 from gptserve.server.chat_messages import message_dicts
 from gptserve.server.errors import to_api_error
 from gptserve.server.openai_format import TokenText
+from gptserve.server.tool_parsers import choose_parser
+from gptserve.server.tool_request import ToolPlan
 
 
 class OpenAIServing:
@@ -25,6 +27,7 @@ class OpenAIServing:
         served_model_names: Sequence[str],
         max_queue_len: int | None = None,
         model_path: str | None = None,
+        tool_call_parser: str = "auto",
     ):
         self.engine = engine
         self.inputs = engine.inputs
@@ -38,6 +41,7 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.tokens = TokenText(self.tokenizer)
         self.created = int(time.time())
+        self.tool_parser = choose_parser(self.chat_template.source, tool_call_parser)
 
     def model_name(self, requested: str | None) -> str:
         """The name to answer with; a 404 for a model this server does not serve."""
@@ -78,11 +82,19 @@ class OpenAIServing:
         return self.tokenizer.decode(list(token_ids))
 
     def render_chat(
-        self, messages: list, add_generation_prompt: bool, continue_final_message: bool, kwargs: dict | None
+        self,
+        messages: list,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        kwargs: dict | None,
+        tools: ToolPlan | None = None,
     ) -> str:
-        return self.inputs.render_chat(
-            message_dicts(messages), add_generation_prompt, continue_final_message, kwargs
-        )
+        """The prompt of `messages` (pydantic), with the tools and earlier calls of `tools` if given."""
+        dicts = message_dicts(messages)
+        if tools is not None:
+            dicts = tools.messages(dicts)
+            kwargs = {**(kwargs or {}), **tools.template_kwargs()}
+        return self.inputs.render_chat(dicts, add_generation_prompt, continue_final_message, kwargs)
 
     def admit(
         self,

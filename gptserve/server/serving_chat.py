@@ -1,7 +1,11 @@
-"""`POST /v1/chat/completions`: messages -> chat template -> one engine request with `n` samples."""
+"""`POST /v1/chat/completions`: messages -> chat template -> one engine request with `n` samples.
+
+With `tools`, the output of each choice is read for tool calls (`tool_request.py`), and streamed through
+`ToolStream`, which holds back what may be a call until it can be parsed."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +27,8 @@ from gptserve.server.serving import OpenAIServing
 from gptserve.server.stream_usage import StreamUsage, check_stream_options
 from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
 from gptserve.server.structured_request import compile_constraint
+from gptserve.server.tool_request import ToolPlan, plan_tools, tool_calls_json
+from gptserve.server.tool_stream import ToolStream
 
 
 @dataclass
@@ -33,6 +39,7 @@ class _Job:
     req: ChatCompletionRequest
     stream: RequestStream
     num_top: int | None  # top_logprobs per token, None = no logprobs
+    tools: ToolPlan
 
     def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
@@ -44,10 +51,6 @@ class _Job:
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise bad_request("tool calling is not supported by this server", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported by this server (tools are not)", "tool_choice")
     if req.echo:
         raise bad_request("echo is not supported for chat completions", "echo")
     if req.top_logprobs is not None and not req.logprobs:
@@ -67,13 +70,21 @@ async def create_chat_completion(
     if req.stream and req.prompt_logprobs is not None:
         raise bad_request("prompt_logprobs is served without streaming", "stream")
     params = build_sampling_params(req, max_tokens, num_top, renames, prompt_logprobs=req.prompt_logprobs)
+    tools = plan_tools(req, serving.tool_parser)
+    if tools.constraint is not None:
+        if params.structured_outputs is not None:
+            raise bad_request(
+                f"{params.structured_outputs.param} cannot be combined with a required or named tool_choice",
+                params.structured_outputs.param,
+            )
+        params = dataclasses.replace(params, structured_outputs=tools.constraint)
     await compile_constraint(serving, params)
     text = serving.render_chat(
-        req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs
+        req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs, tools
     )
     job_id = f"chatcmpl-{uuid.uuid4().hex}"
     (stream,) = serving.admit(job_id, [text], params, "messages", max_tokens_param, add_special_tokens=False)
-    job = _Job(job_id, model, int(time.time()), req, stream, num_top)
+    job = _Job(job_id, model, int(time.time()), req, stream, num_top, tools)
     if req.stream:
         return StreamingResponse(_stream(serving, job), media_type="text/event-stream")
     result = await cancel_on_disconnect(raw, _complete(serving, job))
@@ -90,9 +101,13 @@ async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
         logprobs = (
             None if job.num_top is None else chat_logprobs(c.logprobs or [], serving.tokens, job.num_top)
         )
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        parsed = job.tools.parse(c.text)
+        if parsed is not None:
+            message = {"role": "assistant", "content": parsed.content, "tool_calls": tool_calls_json(parsed)}
         choices.append(
-            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            {"index": c.index, "message": message, "logprobs": logprobs,
+             "finish_reason": job.tools.finish_reason(c.finish_reason, parsed), "stop_reason": c.stop_reason}
         )  # fmt: skip
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     extra: dict[str, Any] = {}
@@ -113,6 +128,7 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse(job.body([choice], **counted.chunk_fields()))
 
+    calls = {i: ToolStream(job.tools) for i in range(req.n)} if job.tools.active else {}
     try:
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -121,8 +137,20 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
             logprobs = None
             if job.num_top is not None and d.logprobs:
                 logprobs = chat_logprobs(d.logprobs, serving.tokens, job.num_top)
-            delta = {"content": d.text} if d.text else {}
-            yield chunk(d.index, delta, logprobs, d.finish_reason)
+            held = calls.get(d.index)
+            text = d.text if held is None else held.feed(d.text)
+            finish = d.finish_reason
+            if held is not None and finish is not None:
+                rest, tool_calls, parsed = held.finish()
+                text += rest
+                if tool_calls:
+                    if text or logprobs:
+                        yield chunk(d.index, {"content": text} if text else {}, logprobs)
+                        text, logprobs = "", None
+                    yield chunk(d.index, {"tool_calls": tool_calls})
+                finish = job.tools.finish_reason(finish, parsed)
+            if held is None or text or logprobs or finish:
+                yield chunk(d.index, {"content": text} if text else {}, logprobs, finish)
         final = counted.final()
         if final is not None:
             yield sse(job.body([], usage=final))

@@ -146,15 +146,8 @@ def test_an_unknown_field_is_still_400(client: openai.OpenAI, model_name: str, r
     assert error["param"] == "stor" and "stor" in error["message"]
 
 
-def test_parallel_tool_calls_is_chat_only_and_tools_stay_refused(
-    client: openai.OpenAI, model_name: str
-) -> None:
+def test_parallel_tool_calls_is_chat_only(client: openai.OpenAI, model_name: str) -> None:
     assert create(client, "chat", model_name, parallel_tool_calls=True).choices
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with_tools = dict(tools=tools, parallel_tool_calls=True)
-    assert (
-        error_of(openai.BadRequestError, create, client, "chat", model_name, **with_tools)["param"] == "tools"
-    )
     unknown = {"parallel_tool_calls": True}
     error = error_of(openai.BadRequestError, create, client, "completions", model_name, extra_body=unknown)
     assert error["param"] == "parallel_tool_calls"
