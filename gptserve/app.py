@@ -57,6 +57,10 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; None = none
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
     tool_call_parser: str = "auto"  # the tool-call format; auto = the one the chat template shows
+    # The Triton name of the served model; None = the first served name. Triton names a model after its
+    # directory, so a model served from a path gets the path's last part (`models/tiny-llama` ->
+    # `tiny-llama`), which `/v2/models/{name}/...` can address.
+    triton_model_name: str | None = None
 
 
 def make_api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
@@ -103,7 +107,7 @@ def build_app(
     names = config.served_model_names or [llm.model_name]
     registry = registry if registry is not None else ModelRegistry([], EngineOptions())
     if owns_engine:
-        registry.add_llm(names[0], async_engine)
+        registry.add_llm(config.triton_model_name or names[0], async_engine)
     model_engines = [m.engine for m in registry.models() if isinstance(m, LLMModel)]
     for model_engine in [async_engine, *model_engines]:
         model_engine.max_queue_len = config.max_queue_len

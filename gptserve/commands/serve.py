@@ -157,6 +157,14 @@ def _banner(engine, names: list[str], args: argparse.Namespace, template_source:
     return "\n".join(lines)
 
 
+def triton_name(model: str) -> str:
+    """The Triton name of a model served from `model` (a path or a name): its last path part, without a
+    GGUF file's extension, as Triton names a model after its directory."""
+    path = Path(model)
+    name = path.stem if path.suffix.lower() == ".gguf" else path.name
+    return name or model
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
     from prometheus_client import start_http_server
@@ -202,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         allowed_origins=args.allowed_origins or [],
         tool_call_parser=args.tool_call_parser,
+        triton_model_name=None if args.served_model_name else triton_name(default_names[0]),
     )
     app = build_app(engine, config, registry)
     async_engine = app.state.async_engine
