@@ -241,20 +241,30 @@ def tensor_specs(config: mc.ModelConfig) -> tuple[list[TensorSpec], list[TensorS
     return inputs, outputs
 
 
+def _integer(datatype: str) -> bool:
+    return datatype.startswith(("INT", "UINT"))
+
+
 def check_request(model: TritonModel, request: InferRequest, *, shapes: bool = True) -> None:
     """Triton's checks of a request against a model's tensors, the one validation both front-ends make:
     input names, BYTES versus numeric data, batch size against `max_batch_size`, required inputs,
-    requested outputs and, with `shapes`, each input's rank and fixed dimensions. Numeric datatypes are
-    not told apart (a value out of range is caught where it is read), so clients of either FT revision
-    (INT32 or UINT64 seeds) work. Models check the requests they are handed with `shapes=False`: ensemble
-    steps and direct callers pass tensors in the looser per-row forms the models' readers accept."""
+    requested outputs and, with `shapes`, each input's rank and fixed dimensions. An input whose request
+    names its datatype must have the declared kind, as Triton requires: `request_output_len` sent as FP32
+    where the config declares UINT32 is a 400 naming both. Integer widths and signedness are the one
+    leniency (a value out of range is caught where it is read), so that FT's client scripts of either
+    revision (INT32 or UINT64 seeds) work. Models check the requests they are handed with
+    `shapes=False`: ensemble steps and direct callers pass tensors in the looser per-row forms the models'
+    readers accept, with datatypes of their own."""
     specs = {s.name: s for s in model.inputs}
     for name, data in request.inputs.items():
         spec = specs.get(name)
         if spec is None:
             raise TritonError(f"unexpected inference input '{name}' for model '{model.name}'")
         sent = request.datatypes.get(name) or ("BYTES" if data.dtype == object else "")
-        if (spec.datatype == "BYTES") != (data.dtype == object or sent == "BYTES"):
+        mismatched = (
+            sent and shapes and sent != spec.datatype and not (_integer(sent) and _integer(spec.datatype))
+        )
+        if mismatched or (spec.datatype == "BYTES") != (data.dtype == object or sent == "BYTES"):
             raise TritonError(
                 f"inference input '{name}' data-type is '{sent or data.dtype}', but model '{model.name}' "
                 f"expects '{spec.datatype}'"

@@ -511,6 +511,16 @@ def test_errors_in_tritons_form(served: Served, reference: Reference, protocol: 
             err = error("fastertransformer", inputs)
             assert status_of(err) == codes["invalid"] and "input_ids" in err.message()
 
+        float_length = [
+            prepare_tensor(protocol, "request_output_len", np.array([[2.0]], np.float32))
+            if t.name() == "request_output_len"
+            else t
+            for t in token_inputs(protocol, [prompt], 2)
+        ]  # declared UINT32: Triton names the datatype it expects
+        err = error("fastertransformer", float_length)
+        assert status_of(err) == codes["invalid"]
+        assert "request_output_len" in err.message() and "UINT32" in err.message() and "FP32" in err.message()
+
         wrong_shape = token_inputs(protocol, [prompt], 2)
         wrong_shape[1] = prepare_tensor(protocol, "input_lengths", np.array([[[len(prompt)]]], np.uint32))
         err = error("fastertransformer", wrong_shape)
