@@ -36,6 +36,7 @@ DATATYPES = {
     "BOOL": np.bool_, "UINT32": np.uint32, "UINT64": np.uint64, "INT32": np.int32, "INT64": np.int64,
     "FP32": np.float32, "BYTES": np.object_,
 }  # fmt: skip
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's end id as text: FT's postprocessing pads its output with it
 GENERATE_FIELDS = ("id", "model_name", "model_version")  # a generate response's fields that are no output
 
 
@@ -308,7 +309,9 @@ class TritonClient:
         if kind == "text" and "sequence_length" in outputs:  # exclude_input_in_output: generated only
             result.num_tokens = int(np.asarray(outputs["sequence_length"]).reshape(-1)[0])
         pieces = [_text(v) for v in np.asarray(outputs[name], dtype=np.object_).reshape(-1)]
-        if kind == "ensemble" and isinstance(prompt, str):  # FT's postprocessing decodes the prompt too
+        if kind == "ensemble" and isinstance(prompt, str):
+            # FT's postprocessing decodes the whole row: the prompt, and the end-id padding after the text
+            pieces = [p.split(END_OF_TEXT, 1)[0] for p in pieces]
             pieces = [p[len(prompt) :] if p.startswith(prompt) else p for p in pieces]
         if streaming and kind == "text":
             pieces = [(texts[i] if i < len(texts) else "") + p for i, p in enumerate(pieces)]

@@ -3,8 +3,10 @@
 They are recognised by their tensors, not their names or `model.py`: preprocessing turns `QUERY` strings
 and CSV word lists (`BAD_WORDS_DICT`, `STOP_WORDS_DICT`) into `INPUT_ID` (padded with the end id, as FT's
 does), `REQUEST_INPUT_LEN`, `BAD_WORDS_IDS`/`STOP_WORDS_IDS` in FT's word-list format and passes
-`REQUEST_OUTPUT_LEN` through; postprocessing decodes every beam of `TOKENS_BATCH`, prompt included, into
-one string (special tokens, such as the end-id padding, are dropped). The tokenizer is the GPT-2 BPE of
+`REQUEST_OUTPUT_LEN` through; postprocessing decodes every beam of `TOKENS_BATCH` into one string exactly
+as FT's `model.py` does: the whole row, prompt and end-id padding included (`<|endoftext|>` for GPT-2's
+vocabulary), as one flat array of batch x beam strings (cut at `sequence_length` where a revision that
+sends it does). The tokenizer is the GPT-2 BPE of
 `gpt2-vocab.json` + `gpt2-merges.txt` in the version directory, else the repository's LLM tokenizer.
 """
 
@@ -151,7 +153,7 @@ class PreprocessingModel(_TokenizerModel):
 
 
 class PostprocessingModel(_TokenizerModel):
-    """FT `output_ids` in, one decoded string per beam out."""
+    """FT `output_ids` in, one decoded string per beam out, flat: [batch * beam]."""
 
     def run(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         tokens = np.asarray(request.inputs["TOKENS_BATCH"])
@@ -170,9 +172,9 @@ class PostprocessingModel(_TokenizerModel):
                     f"input 'sequence_length' has {given.size} values for {batch}x{beams} beams"
                 )
             lengths = given.reshape(batch, -1) * np.ones((1, beams), dtype=np.int64)
-        out = np.empty((batch, beams), dtype=object)
+        out = np.empty(batch * beams, dtype=object)
         for b in range(batch):
             for k in range(beams):
                 row = tokens[b, k, : int(lengths[b, k])].tolist()
-                out[b, k] = self.tokenizer.decode(row, skip_special_tokens=True).encode("utf-8")
+                out[b * beams + k] = self.tokenizer.decode(row, skip_special_tokens=False).encode("utf-8")
         return {"OUTPUT": out}, batch

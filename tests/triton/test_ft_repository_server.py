@@ -113,8 +113,9 @@ class Reference:
     tokenizer: Any = field(repr=False)
 
     def decode(self, ids: list[int]) -> str:
-        """What FT's postprocessing returns: the GPT-2 decode, special tokens (end_id) dropped."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """What FT's postprocessing returns for one row of output ids: the GPT-2 decode of every id, the
+        end-id padding included."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _word(tokenizer, token: int) -> str | None:
@@ -374,9 +375,11 @@ def test_end_to_end_flow(served: Served, reference: Reference, protocol, ft_seed
         # 3. postprocessing
         result = client.infer("postprocessing", [prepare_tensor(protocol, "TOKENS_BATCH", output_ids)])
         texts = result.as_numpy("OUTPUT")
-        assert texts.shape == (batch, 1)
-        decoded = [reference.decode(p + g) for p, g in zip(reference.prompt_ids, generated)]
-        assert [t.decode() for t in texts[:, 0]] == decoded
+        assert texts.shape == (batch,)  # FT's model.py returns one flat string per beam
+        decoded = [reference.decode(row[0].tolist()) for row in output_ids]
+        assert [t.decode() for t in texts] == decoded
+        for text, p, g in zip(decoded, reference.prompt_ids, generated):
+            assert text.startswith(reference.tokenizer.decode(p + g, skip_special_tokens=True))
 
         # 4. ensemble, in one call
         result = client.infer(
@@ -389,7 +392,7 @@ def test_end_to_end_flow(served: Served, reference: Reference, protocol, ft_seed
                 *ft_scalars(protocol, batch, seed_dtype=ensemble_seed),
             ],
         )
-        assert [t.decode() for t in result.as_numpy("OUTPUT_0")[:, 0]] == decoded
+        assert [t.decode() for t in result.as_numpy("OUTPUT_0")] == decoded
         assert np.array_equal(result.as_numpy("sequence_length"), sequence_length)
         np.testing.assert_allclose(result.as_numpy("cum_log_probs"), cum, atol=1e-5)
         np.testing.assert_allclose(result.as_numpy("output_log_probs"), per_token, atol=1e-5)

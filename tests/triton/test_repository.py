@@ -227,7 +227,11 @@ def test_preprocessing_and_postprocessing_models(tmp_path):
     assert stop[1, 1, :2].tolist() == [1, 4]  # "month", then "a, b" (one CSV-quoted word, 3 tokens)
     tokens = np.array([[[15496, 995, 50256, 50256]], [[17250, 50256, 50256, 50256]]], dtype=np.uint32)
     decoded = asyncio.run(post.infer(InferRequest("postprocessing", inputs={"TOKENS_BATCH": tokens})))
-    assert decoded.output("OUTPUT").tolist() == [[b"Hello world"], [b"Hi"]]
+    # FT's model.py: one flat string per beam, the whole row decoded, end-id padding included
+    assert decoded.output("OUTPUT").tolist() == [
+        b"Hello world<|endoftext|><|endoftext|>",
+        b"Hi<|endoftext|><|endoftext|><|endoftext|>",
+    ]
     assert pre.stats.inference_count == 2 and post.stats.execution_count == 1
 
 
