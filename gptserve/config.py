@@ -1,7 +1,7 @@
 """Engine configuration: dataclasses built once from CLI flags, `LLM(...)` options or a checkpoint.
 
-`ModelConfig` normalises the four supported Hugging Face config families (Llama, GPT-J, GPT-NeoX,
-GPT-2) into one set of field names, so model code and the engine never re-read `config.json`.
+`ModelConfig` normalises the supported Hugging Face config families (Llama, Qwen2, Qwen3, GPT-J,
+GPT-NeoX, GPT-2) into one set of field names, so model code and the engine never re-read `config.json`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from gptserve.errors import ModelLoadError
 ARCHITECTURES = {
     "llama": "llama",
     "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
     "gptj": "gptj",
     "gpt_neox": "gpt_neox",
     "gpt2": "gpt2",
@@ -63,7 +65,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     use_parallel_residual: bool = True
     activation: str = "gelu_new"
-    attention_bias: bool = False
+    attention_bias: bool = False  # on q, k, v and the output projection
+    qkv_bias: bool = False  # on q, k and v only (Qwen2)
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -106,6 +109,8 @@ class ModelConfig:
                     mlp_bias=cfg.get("mlp_bias", False),
                     **common,
                 )
+            if arch in ("qwen2", "qwen3"):
+                return cls._from_qwen(arch, cfg, common)
             if arch == "gptj":
                 heads = cfg["n_head"]
                 hidden = cfg["n_embd"]
@@ -172,6 +177,38 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json for {model_type} lacks the field {e.args[0]!r}") from None
+
+    @classmethod
+    def _from_qwen(cls, arch: str, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+        """Qwen2 (Qwen2.5) and Qwen3: Llama's fields; Qwen2 biases q/k/v, Qwen3 norms each q and k head."""
+        if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+            raise ModelLoadError(
+                f"{arch} config sets use_sliding_window (window {cfg['sliding_window']}, from layer "
+                f"{cfg.get('max_window_layers')}): sliding-window attention is not supported; released "
+                "Qwen2.5 and Qwen3 checkpoints set use_sliding_window false"
+            )
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rotary_dim=head_dim,
+            rope_theta=_rope_theta(cfg, 10000.0),
+            rope_scaling=_rope_scaling(cfg),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            activation=cfg.get("hidden_act", "silu"),
+            attention_bias=arch == "qwen3" and cfg.get("attention_bias", False),
+            qkv_bias=arch == "qwen2",
+            **common,
+        )
 
 
 def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def _progress_bar(hf_config: dict):
     c = ModelConfig.from_hf(hf_config)
     # Matrices only (biases and norms are a rounding error): enough for a bar, no model to build.
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    mlp = (3 if c.architecture == "llama" else 2) * c.hidden_size * c.intermediate_size
+    gated = c.architecture in ("llama", "qwen2", "qwen3")  # gate, up and down
+    mlp = (3 if gated else 2) * c.hidden_size * c.intermediate_size
     per_layer = c.hidden_size * (2 * q + 2 * kv) + mlp
     total = c.num_layers * per_layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     return progress_bar(total=total, desc="convert", unit="param", unit_scale=True)

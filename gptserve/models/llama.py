@@ -1,4 +1,5 @@
-"""Llama (also SmolLM2, TinyLlama, Mistral-style GQA): RMSNorm, rotate-half RoPE, SwiGLU, pre-norm residuals.
+"""Llama (also SmolLM2, TinyLlama, Mistral-style GQA, Qwen2 with its biased q/k/v): RMSNorm, rotate-half
+RoPE, SwiGLU, pre-norm residuals.
 
 q/k/v are packed into one `qkv_proj` and gate/up into one `gate_up_proj` at load time, so each layer
 runs four GEMMs. The model looks up the step's rotary tables once; every layer rotates its q and k heads
@@ -30,7 +31,7 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = heads * config.head_dim, kv_heads * config.head_dim
         hidden, bias, head_dim = config.hidden_size, config.attention_bias, config.head_dim
         qkv_size = (config.num_heads + 2 * config.num_kv_heads) * head_dim
-        self.qkv_proj = column_parallel_linear(hidden, qkv_size, bias=bias)
+        self.qkv_proj = column_parallel_linear(hidden, qkv_size, bias=bias or config.qkv_bias)
         self.o_proj = row_parallel_linear(config.num_heads * head_dim, hidden, bias=bias)
         self.rotary_emb = rotary_emb
         self.attn = Attention(heads, kv_heads, head_dim)
@@ -53,10 +54,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary_emb: RotaryEmbedding,
+        attention: type[LlamaAttention] = LlamaAttention,
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = LlamaAttention(config, rotary_emb)
+        self.self_attn = attention(config, rotary_emb)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -69,12 +75,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention: type[LlamaAttention] = LlamaAttention):
         super().__init__()
         # One cos/sin table shared by every layer.
         self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config)
         self.embed_tokens = vocab_parallel_embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary_emb, attention) for _ in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -84,10 +92,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    attention: type[LlamaAttention] = LlamaAttention  # every layer's; variants (Qwen3) bring their own
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.attention)
         self.lm_head = parallel_lm_head(
             self.model.embed_tokens, config.vocab_size, config.tie_word_embeddings
         )

@@ -1,7 +1,7 @@
 """Megatron tensor-parallel split of Hugging Face weights: which tensor splits how, one rank's slice, merge.
 
 The split, per architecture, by Hugging Face module name:
-- column-parallel (output features split, weight and bias): Llama q/k/v/gate/up, GPT-J q/k/v/fc_in,
+- column-parallel (output features split, weight and bias): Llama and Qwen q/k/v/gate/up, GPT-J q/k/v/fc_in,
   GPT-NeoX query_key_value/dense_h_to_4h, GPT-2 c_attn/c_fc;
 - row-parallel (input features split; the bias is replicated and added once after the all-reduce):
   Llama o/down, GPT-J out_proj/fc_out, GPT-NeoX dense/dense_4h_to_h, GPT-2 c_proj (attention and MLP);
@@ -38,6 +38,7 @@ _SPLITS: dict[str, dict[str, str]] = {  # architecture -> Hugging Face module na
     "gpt_neox": {"query_key_value": COLUMN, "dense_h_to_4h": COLUMN, "dense": ROW, "dense_4h_to_h": ROW},
     "gpt2": {"c_attn": COLUMN, "c_fc": COLUMN, "c_proj": ROW},
 }  # fmt: skip
+_SPLITS["qwen2"] = _SPLITS["qwen3"] = _SPLITS["llama"]  # Qwen3's per-head q_norm/k_norm are replicated
 _CONV1D = {"gpt2"}  # architectures whose projection weights are stored [in, out]
 _FUSED_PARTS = {("gpt2", "c_attn"): 3}  # q, k and v concatenated along the split dimension
 
