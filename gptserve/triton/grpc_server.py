@@ -232,10 +232,10 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         model = serving_model(self.registry, request.model_name, request.model_version)
-        if model.decoupled:
-            raise TritonError(DECOUPLED_MODEL_INFER, 501)
         infer_request = decode_request(request)
         check_request(model, infer_request)
+        if not model.answers_once(infer_request):
+            raise TritonError(DECOUPLED_MODEL_INFER, 501)
         response = await model.infer(infer_request)
         _stamp(response, infer_request, model)
         return encode_response(response, infer_request.outputs)
@@ -289,7 +289,7 @@ class TritonGrpcServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             check_request(model, request)
             empty_final = model.decoupled and bool(request.parameters.get(ENABLE_EMPTY_FINAL, False))
             final_sent = False
-            async with contextlib.aclosing(model.stream(request)) as responses:
+            async with contextlib.aclosing(model.responses(request)) as responses:
                 async for response in responses:
                     _stamp(response, request, model)
                     last = bool(response.final) and not empty_final

@@ -226,8 +226,6 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
     @router.post("/v2/models/{model_name}/versions/{version}/infer", dependencies=guarded)
     async def infer(request: Request, model_name: str, version: str = "") -> Response:
         model = serving_model(registry, model_name, version)
-        if model.decoupled:
-            raise TritonError(DECOUPLED_INFER)
         infer_request, fmt = codec.decode_infer_request(
             await request.body(),
             model.name,
@@ -237,6 +235,8 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
             model_inputs=model.inputs,
         )
         check_request(model, infer_request)
+        if not model.answers_once(infer_request):
+            raise TritonError(DECOUPLED_INFER)
         result = await cancel_on_disconnect(request, model.infer(infer_request))
         if not isinstance(result, InferResponse):
             return result
@@ -266,7 +266,7 @@ def build_triton_router(registry: Any, require_api_key: Callable) -> APIRouter:
     @router.post("/v2/models/{model_name}/versions/{version}/generate_stream", dependencies=guarded)
     async def generate_stream(request: Request, model_name: str, version: str = "") -> Response:
         model, gen_request = await _generate_request(request, model_name, version)
-        responses = model.stream(gen_request)
+        responses = model.responses(gen_request)
         # The first response is awaited before the status line, so that a request the model refuses
         # gets its 4xx; failures after it can only travel inside the stream.
         try:

@@ -8,8 +8,10 @@ and FT's token form (`input_ids`, `input_lengths`, `request_output_len` -> `outp
 `sequence_length`, log-probs), with the FT sampling scalars in both.
 
 Every row of a batch is its own engine request, submitted together and batched continuously with all
-other traffic; nothing waits for the longest row. Streaming (a decoupled config, or a request whose
-`stream` input or parameter is true) answers as it goes: the token form once per generated token (as
+other traffic; nothing waits for the longest row. Only a model whose config is decoupled streams (the
+served model's config is; an FT config that is not answers each request once, streamed or not, as
+Triton does), every request in FT's decoupled mode, else a request whose `stream` input or parameter is
+true. Streaming answers as it goes: the token form once per generated token (as
 FT's decoupled mode; beam search once per step) with the full `output_ids`/`sequence_length` so far,
 the text form once per engine step with the text added since the previous response (its last
 response also carries `sequence_length`: the tokens of the sequence `text_output` holds, as in FT). Closing
@@ -84,7 +86,9 @@ def served_config(name: str) -> mc.ModelConfig:
         )
     for tensor_name, datatype, dims in SERVED_OUTPUTS:
         config.output.add(name=tensor_name, data_type=config_type_of_datatype(datatype), dims=dims)
-    config.model_transaction_policy.decoupled = False
+    # Decoupled: a request whose `stream` input or parameter is true is answered once per step. Others
+    # get one response, which is why the infer routes serve them too.
+    config.model_transaction_policy.decoupled = True
     return config
 
 
@@ -125,11 +129,16 @@ class LLMModel(TritonModel):
         self.eos_token_ids: set[int] = set(llm.eos_token_ids)
         end_id = config.parameters["end_id"].string_value if "end_id" in config.parameters else ""
         self.default_end_id = int(end_id) if end_id else min(self.eos_token_ids, default=None)
+        # A decoupled model streams every request (FT's decoupled mode), or only those that ask for it
+        # (the served model, as Triton's LLM backends: its `stream` input or parameter).
+        self.streams_on_request = False
 
     @classmethod
     def served(cls, name: str, engine: AsyncEngine) -> LLMModel:
         """The model `gptserve serve MODEL` serves; its engine belongs to the caller."""
-        return cls(name, "1", served_config(name), engine, owns_engine=False)
+        model = cls(name, "1", served_config(name), engine, owns_engine=False)
+        model.streams_on_request = True
+        return model
 
     async def start(self) -> None:
         if self.owns_engine and not self._started:
@@ -147,10 +156,19 @@ class LLMModel(TritonModel):
 
     # ------------------------------------------------------------------------------------- requests
     def wants_stream(self, request: InferRequest) -> bool:
-        """Per-step responses: a decoupled model, or a request whose `stream` input or parameter is true."""
+        """Per-step responses, only from a decoupled model (a model whose config is not decoupled answers
+        once, as Triton does): asked by the request's `stream` input or parameter, else FT's decoupled
+        mode streaming every request."""
+        if not self.decoupled:
+            return False
         if "stream" in request.inputs:
             return _truthy(request.inputs["stream"])
-        return self.decoupled or _truthy(request.parameters.get("stream", False))
+        if "stream" in request.parameters:
+            return _truthy(request.parameters["stream"])
+        return not self.streams_on_request
+
+    def answers_once(self, request: InferRequest) -> bool:
+        return not self.wants_stream(request)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         last = None

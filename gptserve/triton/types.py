@@ -11,6 +11,7 @@ common refusal of shared-memory tensor parameters.
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass, field
@@ -218,6 +219,21 @@ class TritonModel(abc.ABC):
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """Responses of one request as they come (decoupled models: several; others: one)."""
         yield await self.infer(request)
+
+    def answers_once(self, request: InferRequest) -> bool:
+        """Whether `request` gets exactly one response. A model whose config is not decoupled answers
+        every request once, streamed or not, as Triton does; the infer routes serve only such requests."""
+        return not self.decoupled
+
+    async def responses(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """What a streaming route sends for `request`: every response when the model may answer several
+        times, else its one final response."""
+        if self.answers_once(request):
+            yield await self.infer(request)
+            return
+        async with contextlib.aclosing(self.stream(request)) as responses:
+            async for response in responses:
+                yield response
 
     async def start(self) -> None:
         """Called on the event loop before serving (models over an engine start it here)."""

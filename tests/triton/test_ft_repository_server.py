@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -483,12 +484,22 @@ def test_http_generate_stream_on_the_ensemble(served: Served, reference: Referen
     assert stream.status_code == 200
     assert stream.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(b.removeprefix("data: ")) for b in stream.text.split("\n\n") if b.strip()]
+    # The ensemble's config is not decoupled: Triton answers it once, streamed or not.
+    assert len(events) == 1 and events[0]["OUTPUT_0"] == text
+
+
+def test_http_generate_stream_on_a_decoupled_model(served: Served, reference: Reference):
+    row = 2
+    prompt = reference.prompt_ids[row]
+    body = {"input_ids": [prompt], "input_lengths": [len(prompt)], "request_output_len": [OUTPUT_LEN],
+            "runtime_top_k": 1, "start_id": START_ID, "end_id": END_ID}  # fmt: skip
+    stream = httpx.post(f"{served.process.url}/v2/models/{DECOUPLED}/generate_stream", json=body, timeout=300)
+    assert stream.status_code == 200, stream.text
+    events = [json.loads(b.removeprefix("data: ")) for b in stream.text.split("\n\n") if b.strip()]
     assert not any("error" in e for e in events), events
-    prompt_len = len(reference.prompt_ids[row])
     assert [e["sequence_length"] for e in events] == [
-        prompt_len + i for i in range(1, len(reference.greedy[row]) + 1)
+        len(prompt) + i for i in range(1, len(reference.greedy[row]) + 1)
     ], "one event per generated token"
-    assert events[-1]["OUTPUT_0"] == text
 
 
 # ---------------------------------------------------------------------------------------- 3. errors
@@ -677,16 +688,18 @@ def test_cancelled_grpc_stream_frees_the_engine(served: Served, reference: Refer
 
 
 def test_closed_http_generate_stream_frees_the_engine(served: Served):
+    """A client that hangs up while the ensemble (not decoupled: one answer, at the end) generates."""
     wait_for(lambda: engine_idle(served.metrics_url), "an idle engine")
     before = aborted(served.metrics_url)
-    body = {"INPUT_0": PROMPTS[3], "INPUT_1": LONG, "INPUT_2": "", "INPUT_3": "", "runtime_top_k": 1,
-            "end_id": END_ID, "stream": True}  # fmt: skip
-    url = f"{served.process.url}/v2/models/ensemble/generate_stream"
-    with httpx.stream("POST", url, json=body, timeout=300) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")  # the first token arrived; now hang up
-        assert engine_busy(served.metrics_url)
+    body = json.dumps({"INPUT_0": PROMPTS[3], "INPUT_1": LONG, "INPUT_2": "", "INPUT_3": "",
+                       "runtime_top_k": 1, "end_id": END_ID}).encode()  # fmt: skip
+    host, port = served.process.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(
+            b"POST /v2/models/ensemble/generate_stream HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        wait_for(lambda: engine_busy(served.metrics_url), "the request to be running")
     wait_for(lambda: engine_idle(served.metrics_url), "the closed stream to free the engine")
     wait_for(lambda: aborted(served.metrics_url) == before + 1, "the engine request to be aborted")
     assert httpx.get(f"{served.process.url}/v2/health/ready", timeout=30).status_code == 200

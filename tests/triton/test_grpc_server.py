@@ -99,7 +99,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
         registry = ModelRegistry([], EngineOptions())
         registry.add_llm("tiny", async_engine)
         decoupled = registry.add_llm("tiny-decoupled", async_engine)
-        decoupled.config.model_transaction_policy.decoupled = True
+        decoupled.streams_on_request = False  # FT's decoupled mode: every request streams
         await registry.start()
         servers = [
             await start_grpc_server(registry, "127.0.0.1", port, None),
@@ -211,7 +211,7 @@ def test_health_metadata_config_and_index(served: Served) -> None:
 
     config = client.get_model_config("tiny").config
     assert config.name == "tiny" and config.max_batch_size > 0
-    assert not config.model_transaction_policy.decoupled
+    assert config.model_transaction_policy.decoupled  # it streams a request that asks (`stream`)
     assert client.get_model_config("tiny-decoupled").config.model_transaction_policy.decoupled
 
     index = {(m.name, m.version, m.state) for m in client.get_model_repository_index().models}

@@ -39,6 +39,19 @@ def setup(tiny_gptj, tmp_path_factory):
     loop.close()
 
 
+@contextlib.contextmanager
+def decoupled(model):
+    """`model` as if its config were decoupled (streaming the requests that ask): a model whose config is
+    not decoupled answers every request once, as Triton's do."""
+    policy = model.config.model_transaction_policy
+    before = policy.decoupled, model.streams_on_request
+    policy.decoupled, model.streams_on_request = True, True
+    try:
+        yield model
+    finally:
+        policy.decoupled, model.streams_on_request = before
+
+
 def run(loop, coro):
     return loop.run_until_complete(asyncio.wait_for(coro, 120))
 
@@ -258,7 +271,8 @@ def test_decoupled_stream_sends_full_ids_each_step(setup):
     async def collect():
         return [r async for r in model.stream(request)]
 
-    responses = run(loop, collect())
+    with decoupled(model):
+        responses = run(loop, collect())
     assert len(responses) >= 2 and responses[-1].final and not any(r.final for r in responses[:-1])
     lengths = [int(r.output("sequence_length")[0, 0]) for r in responses]
     assert lengths == sorted(lengths) and lengths[-1] == len(prompt) + 4
@@ -282,7 +296,8 @@ def test_closed_stream_frees_kv_blocks(setup):
         await stream.aclose()
         return first
 
-    first = run(loop, first_then_close())
+    with decoupled(model):
+        first = run(loop, first_then_close())
     assert not first.final
     wait_kv_free(model.engine.engine)
 
@@ -390,6 +405,7 @@ def test_ensemble_streams_when_asked(setup):
     async def collect():
         return [r async for r in ensemble.stream(request)]
 
-    responses = run(loop, collect())
+    with decoupled(registry.get("fastertransformer")):
+        responses = run(loop, collect())
     assert len(responses) >= 2 and responses[-1].final and not responses[0].final
     assert responses[-1].output("OUTPUT_0").tolist() == whole.output("OUTPUT_0").tolist()
