@@ -1,10 +1,13 @@
-"""GGUF files (llama.cpp's format): metadata -> Hugging Face Llama config, tensors -> HF-named weights.
+"""GGUF files (llama.cpp's format): metadata -> Hugging Face config (Llama, Qwen2, Qwen3), tensors ->
+HF-named weights.
 
 Weights are dequantized to float32 one tensor at a time. `GGUFModelFile.raw_tensor` hands out the
 stored (still quantized) blocks for fast paths that compute on them directly.
 
-llama.cpp's converter reorders the rows of q_proj and k_proj (within each head it interleaves the
-two rotary halves); both the dequantized and the raw tensors are given back in Hugging Face row order.
+For Llama, llama.cpp's converter reorders the rows of q_proj and k_proj (within each head it interleaves
+the two rotary halves); both the dequantized and the raw tensors are given back in Hugging Face row order.
+Qwen2 and Qwen3 are stored in Hugging Face row order (llama.cpp rotates them rotate-half, as transformers
+does), so their rows are read as they are.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ _BLOCK_TENSORS = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -45,6 +50,8 @@ _BLOCK_TENSORS = {
 }
 _TENSOR_NAME = re.compile(r"^(?:blk\.(?P<layer>\d+)\.)?(?P<kind>\w+)\.(?P<suffix>weight|bias)$")
 _ROPE_SCALING_TYPES = ("linear", "yarn")
+# general.architecture -> the Hugging Face model class of the config built from the metadata.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass
@@ -61,7 +68,7 @@ _FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 
 
 class GGUFModelFile:
-    """An open GGUF file of a Llama-architecture model."""
+    """An open GGUF file of a Llama, Qwen2 or Qwen3 model."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -140,6 +147,8 @@ class GGUFModelFile:
     def _to_hf_rows(self, hf_name: str, rows: np.ndarray) -> np.ndarray:
         # Rows are whole output features in both the values and the quantized blocks, so the same
         # reordering serves both.
+        if self.hf_config["model_type"] != "llama":
+            return rows
         if ".self_attn.q_proj." in hf_name:
             return _unpermute_rotary_rows(rows, self.hf_config["num_attention_heads"])
         if ".self_attn.k_proj." in hf_name:
@@ -152,7 +161,7 @@ class GGUFModelFile:
         hf_module = table.get(match["kind"]) if match else None
         if hf_module is None:
             raise ModelLoadError(
-                f"{self.path}: tensor {gguf_name!r} has no Hugging Face Llama counterpart; "
+                f"{self.path}: tensor {gguf_name!r} has no Hugging Face counterpart; "
                 "this GGUF uses a feature gptserve does not support"
             )
         prefix = "" if match["layer"] is None else f"model.layers.{match['layer']}."
@@ -160,8 +169,9 @@ class GGUFModelFile:
 
     def _hf_config(self) -> dict[str, Any]:
         arch = self.metadata("general.architecture")
-        if arch != "llama":
-            raise ModelLoadError(f"{self.path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+        if arch not in _ARCHITECTURES:
+            supported = ", ".join(_ARCHITECTURES)
+            raise ModelLoadError(f"{self.path}: GGUF architecture {arch!r} is not supported ({supported})")
 
         def get(key: str, default: Any = None, required: bool = False) -> Any:
             value = self.metadata(f"{arch}.{key}", default)
@@ -177,8 +187,8 @@ class GGUFModelFile:
         heads = get("attention.head_count", required=True)
         head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
         config: dict[str, Any] = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+            "model_type": arch,
+            "architectures": [_ARCHITECTURES[arch]],
             "hidden_size": hidden,
             "intermediate_size": get("feed_forward_length", required=True),
             "num_hidden_layers": get("block_count", required=True),
@@ -192,8 +202,12 @@ class GGUFModelFile:
             "tie_word_embeddings": all(t.name != "output.weight" for t in self.reader.tensors),
             "hidden_act": "silu",
         }
-        if head_dim != hidden // heads:
+        if head_dim != hidden // heads or arch == "qwen3":  # transformers' Qwen3Config defaults to 128
             config["head_dim"] = head_dim
+        if arch == "qwen2":
+            config["use_sliding_window"] = False  # llama.cpp's qwen2 attends to the whole context
+        if arch == "qwen3":  # a biased Qwen3 biases all four projections
+            config["attention_bias"] = any(t.name == "blk.0.attn_output.bias" for t in self.reader.tensors)
         for key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
             token_id = self.metadata(f"tokenizer.ggml.{key}_token_id")
             if token_id is not None:
