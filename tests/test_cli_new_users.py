@@ -174,3 +174,34 @@ def test_log_level_after_any_subcommand(argv):
     # ... and before it.
     result = gptserve("--log-level", "loud", *argv)
     assert "argument --log-level: invalid choice: 'loud'" in result.stderr
+
+
+@pytest.mark.parametrize("value", [[], ["true"]])
+def test_exit_on_error_stops_at_a_model_that_fails_to_load(tmp_path, value):
+    """Triton's `--exit-on-error`: a repository model that fails to load ends start-up, naming it."""
+    cmodel = tmp_path / "c-model"
+    cmodel.mkdir()
+    (cmodel / "config.ini").write_text("[gptj]\n")  # no weights
+    model = tmp_path / "repo" / "fastertransformer"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(
+        'name: "fastertransformer"\nbackend: "fastertransformer"\nmax_batch_size: 8\n'
+        'input [ { name: "input_ids" data_type: TYPE_UINT32 dims: [ -1 ] } ]\n'
+        'output [ { name: "output_ids" data_type: TYPE_UINT32 dims: [ -1, -1 ] } ]\n'
+        f'parameters {{ key: "model_checkpoint_path" value: {{ string_value: "{cmodel}" }} }}\n'
+    )
+    flag = "--exit-on-error" if not value else f"--exit-on-error={value[0]}"
+    result = gptserve(
+        "serve", "--model-repository", str(tmp_path / "repo"), flag, "--device", "cpu",
+        "--http-port", str(free_port()), "--grpc-port", "0", "--metrics-port", "0",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "model 'fastertransformer' version 1 failed to load" in result.stderr
+    assert "Traceback" not in result.stderr and "serving" not in result.stdout
+
+
+def test_exit_on_error_takes_tritons_values():
+    result = gptserve("serve", MISSING_MODEL, "--exit-on-error=maybe")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--exit-on-error" in last and "true or false" in last

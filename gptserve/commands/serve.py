@@ -48,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model-control-mode", choices=["none", "explicit"], default="none",
         help="explicit: models load and unload only through the repository API (Triton's flag)",
     )  # fmt: skip
+    p.add_argument(
+        "--exit-on-error", nargs="?", const=True, default=False, type=_flag_value, metavar="BOOL",
+        help="exit at start-up when a repository model fails to load (Triton's flag; Triton's default is "
+        "true). Default false: the other models are served and the failed ones are listed UNAVAILABLE "
+        "with their reasons, in the banner and the repository index",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument(
         "--http-port", "--port", dest="http_port", type=int, default=8000,
@@ -157,6 +163,16 @@ def _banner(engine, names: list[str], args: argparse.Namespace, template_source:
     return "\n".join(lines)
 
 
+def _flag_value(text: str) -> bool:
+    """Triton's boolean flag values (`--exit-on-error=false`)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def triton_name(model: str) -> str:
     """The Triton name of a model served from `model` (a path or a name): its last path part, without a
     GGUF file's extension, as Triton names a model after its directory."""
@@ -191,6 +207,13 @@ def run(args: argparse.Namespace) -> int:
         [Path(d) for d in args.model_repository], options, explicit=args.model_control_mode == "explicit"
     )
     registry.load_all(engines_after=0 if args.model is None else 1)
+    if args.exit_on_error and registry.failed():
+        for row in registry.failed():
+            version = f" version {row['version']}" if row["version"] else ""
+            print(f"gptserve serve: error: model '{row['name']}'{version} failed to load: {row['reason']}",
+                  file=sys.stderr)  # fmt: skip
+        print("gptserve serve: exiting (--exit-on-error)", file=sys.stderr)
+        return 1
     repository_llms = registry.llm_engines()
     if args.model is None and repository_llms:
         name, engine = repository_llms[0]

@@ -70,6 +70,25 @@ class EnsembleModel(TritonModel):
     def step_models(self) -> list[str]:
         return self.step_names(self.config)
 
+    @property
+    def ready(self) -> bool:
+        """Ready while every step model is (Triton marks an ensemble unavailable with its steps)."""
+        return not self._unready_steps()
+
+    @property
+    def not_ready_reason(self) -> str:
+        return f"step models not ready: {', '.join(self._unready_steps())}"
+
+    def _unready_steps(self) -> list[str]:
+        unready = []
+        for name in self.step_models:
+            try:
+                if not self.resolve(name, "").ready:
+                    unready.append(name)
+            except TritonError:
+                unready.append(name)
+        return unready
+
     async def infer(self, request: InferRequest) -> InferResponse:
         last = None
         async with contextlib.aclosing(self._execute(request, streaming=False)) as responses:

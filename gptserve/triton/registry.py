@@ -134,6 +134,12 @@ class ModelRegistry:
                 raise repo.ModelRepositoryError(
                     f"ensemble '{name}' uses models not in the repository: {missing}"
                 )
+            unready = [m for m in EnsembleModel.step_names(config) if not self._serves(m)]
+            if unready:  # Triton does not load an ensemble whose steps failed to load
+                reasons = "; ".join(f"'{m}': {self._unready_reason(m)}" for m in unready)
+                raise repo.ModelRepositoryError(
+                    f"ensemble '{name}' uses models that are not ready: {reasons}"
+                )
             return EnsembleModel(name, str(version), config, self.get)
         if config.backend == "fastertransformer":
             path = repo.checkpoint_path(config, entry.directory, version)
@@ -173,6 +179,21 @@ class ModelRegistry:
         self._entries[name] = _Entry(name, None, {"1": _Version(READY, model=model)})
         return model
 
+    def _serves(self, name: str) -> bool:
+        try:
+            return self.get(name).ready
+        except TritonError:
+            return False
+
+    def _unready_reason(self, name: str) -> str:
+        entry = self._entries[name]
+        reasons = [v.reason for v in entry.versions.values() if v.reason] + [entry.reason]
+        return next((r for r in reasons if r), "not loaded")
+
+    def failed(self) -> list[dict]:
+        """The index rows of every model version that should serve and does not (start-up failures)."""
+        return [row for row in self.index() if row["state"] != READY and row["reason"] != "unloaded"]
+
     # ------------------------------------------------------------------------------------- lookups
     def get(self, name: str, version: str = "") -> TritonModel:
         """The model version to serve ("" = the latest ready one). 404 if unknown, 503 if not ready."""
@@ -208,7 +229,7 @@ class ModelRegistry:
                 v = entry.versions[key]
                 state, reason = v.state, v.reason
                 if state == READY and v.model is not None and not v.model.ready:
-                    state, reason = UNAVAILABLE, "the model's engine stopped"
+                    state, reason = UNAVAILABLE, v.model.not_ready_reason
                 rows.append({"name": name, "version": key, "state": state, "reason": reason})
         return [r for r in rows if r["state"] == READY] if ready_only else rows
 

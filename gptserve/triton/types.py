@@ -212,6 +212,10 @@ class TritonModel(abc.ABC):
     def ready(self) -> bool:
         return True
 
+    @property
+    def not_ready_reason(self) -> str:
+        return "the model's engine stopped"
+
     @abc.abstractmethod
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run one request to completion. Raises `TritonError` for bad input."""

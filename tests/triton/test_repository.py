@@ -164,9 +164,21 @@ def test_broken_models_are_unavailable_and_others_load(tmp_path):
         'input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
         'output [ { name: "Y" data_type: TYPE_INT32 dims: [ 1 ] } ]',
     )
+    write_model(
+        tmp_path,
+        "ens-ft",
+        'platform: "ensemble"\nensemble_scheduling { step [ { model_name: "ft" model_version: -1 '
+        'input_map { key: "input_ids" value: "X" } output_map { key: "output_ids" value: "Y" } } ] }\n'
+        'input [ { name: "X" data_type: TYPE_UINT32 dims: [ -1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_UINT32 dims: [ -1, -1 ] } ]',
+    )
     registry = ModelRegistry([tmp_path], OPTIONS)
     registry.load_all()
     s = states(registry)
+    # an ensemble whose step failed is not ready either, and says why
+    assert s[("ens-ft", "1")][0] == "UNAVAILABLE" and "'ft'" in s[("ens-ft", "1")][1]
+    assert "c-model" in s[("ens-ft", "1")][1]
+    assert {row["name"] for row in registry.failed()} >= {"onnx", "ft", "ens-ft"}
     assert s[("preprocessing", "1")] == ("READY", "")
     assert s[("onnx", "1")][0] == "UNAVAILABLE" and "onnxruntime_onnx" in s[("onnx", "1")][1]
     assert s[("ft", "1")][0] == "UNAVAILABLE" and "c-model" in s[("ft", "1")][1]  # config.ini, no weights
