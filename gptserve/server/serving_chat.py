@@ -78,6 +78,8 @@ async def create_chat_completion(
                 params.structured_outputs.param,
             )
         params = dataclasses.replace(params, structured_outputs=tools.constraint)
+    if tools.active and tools.parser.marker_is_special:
+        params = dataclasses.replace(params, skip_special_tokens=False)
     await compile_constraint(serving, params)
     text = serving.render_chat(
         req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs, tools

@@ -91,6 +91,8 @@ class ToolParser:
     markers: tuple[str, ...] = ()
     at_start = False
     template_knows_tools = True  # False: the tool list goes to the model in a system message
+    # The marker is a special token in the model's vocabulary, which the text would otherwise drop.
+    marker_is_special = False
 
     def parse(self, text: str) -> ParsedOutput | None:
         """The calls in a whole output, or None if it holds none (or none that parses)."""
@@ -197,6 +199,7 @@ class Llama3JsonParser(ToolParser):
 class MistralParser(ToolParser):
     name = "mistral"
     markers = ("[TOOL_CALLS]",)
+    marker_is_special = True
 
     def parse(self, text: str) -> ParsedOutput | None:
         start = text.find("[TOOL_CALLS]")
