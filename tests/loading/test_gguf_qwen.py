@@ -1,5 +1,6 @@
 """GGUF files of Qwen2 and Qwen3 (written here with gguf-py from tiny random transformers models): the
-config, names and row order read back, and the logits of the model loaded from them equal transformers'."""
+config, names and row order read back, and the model loaded from them gives transformers' logits and
+greedy tokens."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch
 
 from gptserve.config import ModelConfig
 from gptserve.errors import ModelLoadError
+from gptserve.llm import LLM
 from gptserve.loading.gguf_file import GGUFModelFile
 from gptserve.loading.loader import load_checkpoint
 from gptserve.models.registry import model_class
+from gptserve.sampling_params import SamplingParams
+from tests.conftest import hf_greedy
 from tests.tiny_qwen import build_tiny_qwen
 
 GGUF_ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
@@ -108,6 +112,18 @@ def test_logits_match_transformers(hf_and_gguf):
         expected = hf(tokens[None]).logits[0]
         actual = ours.compute_logits(ours(tokens, torch.arange(len(tokens))))
     assert (actual - expected).abs().max().item() < 1e-4
+
+
+def test_engine_on_the_gguf_generates_what_transformers_does(hf_and_gguf):
+    hf, path = hf_and_gguf
+    prompt = [5, 9, 33, 2, 7, 101, 250]
+    expected, _ = hf_greedy(hf, prompt, 16)
+    llm = LLM(str(path), device="cpu", dtype="fp32", num_kv_blocks=32, max_model_len=64, block_size=8)
+    try:
+        out = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    finally:
+        llm.close()
+    assert out[0].outputs[0].token_ids == expected
 
 
 def test_unsupported_architecture_is_named(tmp_path):
