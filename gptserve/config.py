@@ -181,10 +181,11 @@ class ModelConfig:
     @classmethod
     def _from_qwen(cls, arch: str, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
         """Qwen2 (Qwen2.5) and Qwen3: Llama's fields; Qwen2 biases q/k/v, Qwen3 norms each q and k head."""
-        if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+        sliding = _qwen_sliding_layers(cfg)
+        if sliding:
             raise ModelLoadError(
-                f"{arch} config sets use_sliding_window (window {cfg['sliding_window']}, from layer "
-                f"{cfg.get('max_window_layers')}): sliding-window attention is not supported; released "
+                f"{arch} config sets use_sliding_window (window {cfg['sliding_window']} on layers "
+                f"{sliding[0]}..{sliding[-1]}): sliding-window attention is not supported; released "
                 "Qwen2.5 and Qwen3 checkpoints set use_sliding_window false"
             )
         heads = cfg["num_attention_heads"]
@@ -226,6 +227,19 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
         return None
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     return None if kind == "default" else dict(scaling, rope_type=kind)
+
+
+def _qwen_sliding_layers(cfg: dict[str, Any]) -> list[int]:
+    """The layers a Qwen2/Qwen3 config gives a sliding window, as transformers reads it: none unless
+    use_sliding_window and a window are set; then `layer_types`, or every layer from max_window_layers."""
+    if not (cfg.get("use_sliding_window") and cfg.get("sliding_window")):
+        return []
+    num_layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
+        for i in range(num_layers)
+    ]
+    return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
 
 
 def _neox_partial_rotary(cfg: dict[str, Any]) -> float:

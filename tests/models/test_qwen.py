@@ -60,5 +60,23 @@ def test_qwen3_config_and_per_head_norms():
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_sliding_window_config_is_refused(arch):
     config = qwen_hf_config(arch, use_sliding_window=True, sliding_window=64, max_window_layers=1).to_dict()
-    with pytest.raises(ModelLoadError, match="use_sliding_window.*not supported"):
+    with pytest.raises(ModelLoadError, match=r"window 64 on layers 1\.\.1\): sliding-window .* not"):
         ModelConfig.from_hf(config)
+    config.pop("layer_types")  # as configs older than transformers' layer_types have it
+    with pytest.raises(ModelLoadError, match="use_sliding_window"):
+        ModelConfig.from_hf(config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(use_sliding_window=False, sliding_window=32768, max_window_layers=1),  # as Qwen2.5 ships
+        dict(use_sliding_window=True, sliding_window=64, max_window_layers=2),  # no layer from 2 on
+    ],
+    ids=["window-off", "no-sliding-layer"],
+)
+def test_configs_without_sliding_layers_load(overrides):
+    config = qwen_hf_config("qwen2", **overrides).to_dict()
+    assert ModelConfig.from_hf(config).num_layers == 2
+    config.pop("layer_types")
+    assert ModelConfig.from_hf(config).num_layers == 2
