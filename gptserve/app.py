@@ -57,6 +57,7 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; None = none
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty = no CORS headers
     tool_call_parser: str = "auto"  # the tool-call format; auto = the one the chat template shows
+    reasoning_parser: str = "none"  # how thinking is told from the answer (`reasoning_content`)
     # The Triton name of the served model; None = the first served name. Triton names a model after its
     # directory, so a model served from a path gets the path's last part (`models/tiny-llama` ->
     # `tiny-llama`), which `/v2/models/{name}/...` can address.
@@ -122,6 +123,7 @@ def build_app(
         config.max_queue_len,
         config.model_path,
         config.tool_call_parser,
+        config.reasoning_parser,
     )
     require_api_key = make_api_key_check(config.api_key)
 

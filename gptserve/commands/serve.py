@@ -30,6 +30,7 @@ ENGINE_DEATH_GRACE_S = 2.0
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from gptserve.cli import HelpFormatter, add_engine_args
+    from gptserve.server.reasoning import REASONING_PARSERS
     from gptserve.server.tool_parsers import PARSER_NAMES
 
     p = sub.add_parser(
@@ -73,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="how the model writes tool calls: hermes, llama3_json, mistral, or generic (the server "
         "describes the tools in a system message, Hermes's format); auto (default) = the one the chat "
         "template shows",
+    )  # fmt: skip
+    p.add_argument(
+        "--reasoning-parser", choices=REASONING_PARSERS, default="none",
+        help="serve a reasoning model's thinking apart from its answer, as `reasoning_content`: qwen3 "
+        "(<think>...</think> in the output) or deepseek_r1 (the prompt opens <think>); none (default)",
     )  # fmt: skip
     p.add_argument(
         "--max-queue-len", type=int, default=None, help="waiting requests beyond which new ones get 503"
@@ -233,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         allowed_origins=args.allowed_origins or [],
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         triton_model_name=None if args.served_model_name else triton_name(default_names[0]),
     )
     app = build_app(engine, config, registry)

@@ -16,6 +16,7 @@ from gptserve.sampling_params import SamplingParams
 from gptserve.server.chat_messages import message_dicts
 from gptserve.server.errors import to_api_error
 from gptserve.server.openai_format import TokenText
+from gptserve.server.reasoning import reasoning_parser as reasoning_parser_named
 from gptserve.server.tool_parsers import choose_parser
 from gptserve.server.tool_request import ToolPlan
 
@@ -28,6 +29,7 @@ class OpenAIServing:
         max_queue_len: int | None = None,
         model_path: str | None = None,
         tool_call_parser: str = "auto",
+        reasoning_parser: str = "none",
     ):
         self.engine = engine
         self.inputs = engine.inputs
@@ -42,6 +44,7 @@ class OpenAIServing:
         self.tokens = TokenText(self.tokenizer)
         self.created = int(time.time())
         self.tool_parser = choose_parser(self.chat_template.source, tool_call_parser)
+        self.reasoning = reasoning_parser_named(reasoning_parser)
 
     def model_name(self, requested: str | None) -> str:
         """The name to answer with; a 404 for a model this server does not serve."""

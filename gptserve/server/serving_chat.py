@@ -19,6 +19,7 @@ from gptserve.errors import GptServeError
 from gptserve.frontend.api_error import APIError
 from gptserve.frontend.disconnect import cancel_on_disconnect
 from gptserve.frontend.request_stream import RequestStream, abort_all
+from gptserve.server.chat_stream import ChatChoiceStream
 from gptserve.server.errors import bad_request, to_api_error
 from gptserve.server.openai_format import chat_logprobs, usage, vllm_prompt_logprobs
 from gptserve.server.openai_params import build_sampling_params
@@ -28,7 +29,6 @@ from gptserve.server.stream_usage import StreamUsage, check_stream_options
 from gptserve.server.streaming import DONE, choice_deltas, final_outputs, sse, sse_error
 from gptserve.server.structured_request import compile_constraint
 from gptserve.server.tool_request import ToolPlan, plan_tools, tool_calls_json
-from gptserve.server.tool_stream import ToolStream
 
 
 @dataclass
@@ -103,10 +103,13 @@ async def _complete(serving: OpenAIServing, job: _Job) -> dict[str, Any]:
         logprobs = (
             None if job.num_top is None else chat_logprobs(c.logprobs or [], serving.tokens, job.num_top)
         )
-        message: dict[str, Any] = {"role": "assistant", "content": c.text}
-        parsed = job.tools.parse(c.text)
+        reasoning, text = (None, c.text) if serving.reasoning is None else serving.reasoning.split(c.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        parsed = job.tools.parse(text)
         if parsed is not None:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": tool_calls_json(parsed)}
+        if serving.reasoning is not None:
+            message["reasoning_content"] = reasoning
         choices.append(
             {"index": c.index, "message": message, "logprobs": logprobs,
              "finish_reason": job.tools.finish_reason(c.finish_reason, parsed), "stop_reason": c.stop_reason}
@@ -130,7 +133,7 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse(job.body([choice], **counted.chunk_fields()))
 
-    calls = {i: ToolStream(job.tools) for i in range(req.n)} if job.tools.active else {}
+    choices = [ChatChoiceStream(job.tools, serving.reasoning) for _ in range(req.n)]
     try:
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -139,20 +142,17 @@ async def _stream(serving: OpenAIServing, job: _Job) -> AsyncIterator[str]:
             logprobs = None
             if job.num_top is not None and d.logprobs:
                 logprobs = chat_logprobs(d.logprobs, serving.tokens, job.num_top)
-            held = calls.get(d.index)
-            text = d.text if held is None else held.feed(d.text)
+            choice = choices[d.index]
+            deltas = choice.feed(d.text)
             finish = d.finish_reason
-            if held is not None and finish is not None:
-                rest, tool_calls, parsed = held.finish()
-                text += rest
-                if tool_calls:
-                    if text or logprobs:
-                        yield chunk(d.index, {"content": text} if text else {}, logprobs)
-                        text, logprobs = "", None
-                    yield chunk(d.index, {"tool_calls": tool_calls})
-                finish = job.tools.finish_reason(finish, parsed)
-            if held is None or text or logprobs or finish:
-                yield chunk(d.index, {"content": text} if text else {}, logprobs, finish)
+            if finish is not None:
+                more, finish = choice.finish(finish)
+                deltas += more
+            if not deltas and (choice.plain or logprobs or finish):
+                deltas = [{}]
+            for k, delta in enumerate(deltas):
+                last = k == len(deltas) - 1
+                yield chunk(d.index, delta, logprobs if k == 0 else None, finish if last else None)
         final = counted.final()
         if final is not None:
             yield sse(job.body([], usage=final))
