@@ -1,6 +1,6 @@
 """Engine configuration: dataclasses built once from CLI flags, `LLM(...)` options or a checkpoint.
 
-`ModelConfig` normalises the supported Hugging Face config families (Llama, Qwen2, Qwen3, GPT-J,
+`ModelConfig` normalises the supported Hugging Face config families (Llama, Qwen2, Qwen3, Phi-3, GPT-J,
 GPT-NeoX, GPT-2) into one set of field names, so model code and the engine never re-read `config.json`.
 """
 
@@ -19,6 +19,7 @@ ARCHITECTURES = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "phi3": "phi3",
     "gptj": "gptj",
     "gpt_neox": "gpt_neox",
     "gpt2": "gpt2",
@@ -111,6 +112,8 @@ class ModelConfig:
                 )
             if arch in ("qwen2", "qwen3"):
                 return cls._from_qwen(arch, cfg, common)
+            if arch == "phi3":
+                return cls._from_phi3(cfg, common)
             if arch == "gptj":
                 heads = cfg["n_head"]
                 hidden = cfg["n_embd"]
@@ -208,6 +211,44 @@ class ModelConfig:
             activation=cfg.get("hidden_act", "silu"),
             attention_bias=arch == "qwen3" and cfg.get("attention_bias", False),
             qkv_bias=arch == "qwen2",
+            **common,
+        )
+
+    @classmethod
+    def _from_phi3(cls, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+        """Phi-3 (and Phi-4-mini): Llama's math with q|k|v and gate|up already fused in the checkpoint,
+        LongRoPE ("su") scaling and, in some, partial rotary."""
+        window, max_positions = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 4096)
+        if window and window < max_positions:
+            raise ModelLoadError(
+                f"phi3 config sets sliding_window {window} below max_position_embeddings {max_positions}: "
+                "sliding-window attention is not supported (Phi-3-mini-128k, Phi-3.5 and Phi-4-mini set "
+                "a window past their context and load)"
+            )
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        partial = cfg.get("partial_rotary_factor") or _rope_parameters(cfg).get("partial_rotary_factor", 1.0)
+        scaling = _rope_scaling(cfg)
+        if scaling is not None and scaling["rope_type"] in ("su", "longrope"):
+            original = scaling.get("original_max_position_embeddings")
+            original = original or cfg.get("original_max_position_embeddings")
+            scaling = dict(scaling, rope_type="longrope", original_max_position_embeddings=original)
+        return cls(
+            architecture="phi3",
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=max_positions,
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rotary_dim=int(head_dim * partial),
+            rope_theta=_rope_theta(cfg, 10000.0),
+            rope_scaling=scaling,
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            activation=cfg.get("hidden_act", "silu"),
             **common,
         )
 

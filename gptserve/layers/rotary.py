@@ -10,6 +10,12 @@ qkv projection: x * cos + swap(x) * signed_sin, with swap exchanging each channe
 and the sign of sin folded into the table. Decoding is bound by per-op overhead, so a rotation is four
 elementwise ops whatever the head count, and partial rotary needs no re-assembly.
 
+LongRoPE (Phi-3) keeps a short-factor and a long-factor table, both scaled by its attention factor; a forward
+pass whose highest position reaches the original length uses the long one for every token, as transformers
+does for a sequence of that length. In the engine that choice is per step: a sequence's keys cached before
+it crossed the original length keep their short-factor rotation (transformers recomputes them), and a
+shorter sequence in a step with a longer one is rotated with the long table too.
+
 Layouts: "rotate half" (GPT-NeoX, Llama) pairs channel i with i + rotary_dim/2; "interleaved" (GPT-J,
 mesh-transformer-jax's rotate_every_two) pairs channels 2i and 2i+1.
 """
@@ -25,7 +31,7 @@ from torch import nn
 from gptserve.config import ModelConfig
 from gptserve.errors import ModelLoadError
 
-SUPPORTED_SCALING = ("linear", "dynamic", "llama3")
+SUPPORTED_SCALING = ("linear", "dynamic", "llama3", "longrope")
 
 
 class Rope(NamedTuple):
@@ -70,13 +76,34 @@ def dynamic_ntk_bases(
     return base * ((factor * seq_len / max_trained) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
 
 
+def longrope_attention_factor(scaling: dict[str, Any], max_positions: int) -> float:
+    """LongRoPE's (Phi-3's) scale on cos and sin: the config's `attention_factor`, else
+    sqrt(1 + ln(factor) / ln(original length)) with factor = max_positions / original length by default."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_positions / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def longrope_table(rotary_dim: int, max_positions: int, base: float, factors: list[float], scale: float):
+    """cos | sin of LongRoPE frequencies base^(-2i/d) / factors[i], both times `scale`."""
+    inv_freq = base_inv_freq(rotary_dim, base) / torch.tensor(factors, dtype=torch.float32)
+    freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+
+
 def rotary_table(
     rotary_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None
 ) -> torch.Tensor:
-    """float32 [positions, rotary_dim] table of cos | sin; linear and dynamic scaling extend its length."""
+    """float32 [positions, rotary_dim] table of cos | sin; linear and dynamic scaling extend its length.
+    LongRoPE's is its short-factor table (`RotaryEmbedding` also keeps the long one)."""
     kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
     if kind not in ("default", *SUPPORTED_SCALING):
         raise ModelLoadError(f"rope_scaling type {kind!r} is not supported (supported: {SUPPORTED_SCALING})")
+    if kind == "longrope":
+        scale = longrope_attention_factor(scaling, max_positions)
+        return longrope_table(rotary_dim, max_positions, base, scaling["short_factor"], scale)
     num_positions = int(max_positions * scaling["factor"]) if kind in ("linear", "dynamic") else max_positions
     positions = torch.arange(num_positions, dtype=torch.int64).float()[:, None]
     if kind == "dynamic":
@@ -114,6 +141,14 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = table.shape[0]
         # Non-persistent: derived from the config, never part of a checkpoint.
         self.register_buffer("cos_sin_cache", table, persistent=False)
+        # LongRoPE: the long-factor table, used by a forward pass reaching past the original length.
+        self.long_from: int | None = None
+        self.register_buffer("long_cos_sin_cache", None, persistent=False)
+        if (scaling or {}).get("rope_type") == "longrope":
+            scale = longrope_attention_factor(scaling, max_positions)
+            long = longrope_table(rotary_dim, max_positions, base, scaling["long_factor"], scale)
+            self.long_from = scaling["original_max_position_embeddings"]
+            self.register_buffer("long_cos_sin_cache", long, persistent=False)
 
     @classmethod
     def from_config(cls, config: ModelConfig, interleaved: bool = False) -> RotaryEmbedding:
@@ -129,11 +164,23 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         """The tables `rotate_` takes for tokens at `positions`, in `dtype`. They depend only on the
         positions, so one lookup serves every layer of a forward pass."""
+        table = self.cos_sin_cache[positions]
+        if self.long_cos_sin_cache is not None:
+            table = self._longrope_choice(positions, table)
         # Cast before multiplying, as the reference does, so half-precision results round identically.
-        cos, sin = self.cos_sin_cache[positions].to(dtype)[:, None, :].chunk(2, dim=-1)  # [T, 1, rot/2]
+        cos, sin = table.to(dtype)[:, None, :].chunk(2, dim=-1)  # [T, 1, rot/2]
         if self.interleaved:  # channels 2i and 2i+1 share frequency i
             return Rope(cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1))
         return Rope(torch.cat((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-2))
+
+    def _longrope_choice(self, positions: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+        """The long-factor rows for every token of a forward pass whose highest position reaches the
+        original length, else the short ones: transformers' choice for a sequence of that length (decided
+        on the device, so a captured CUDA graph keeps deciding)."""
+        if positions.numel() == 0:
+            return short
+        use_long = positions.max() >= self.long_from
+        return torch.where(use_long, self.long_cos_sin_cache[positions], short)
 
     def rotate_(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """Rotate x [T, n*head_dim] (any number of heads; rows may be strided) in place; returns x."""

@@ -12,7 +12,8 @@ Split dimensions follow the stored layout: `nn.Linear` weights are [out, in], so
 row dim 1; GPT-2's Conv1D weights are [in, out], so column splits dim 1 and row dim 0. Two fused tensors:
 GPT-NeoX `query_key_value` is laid out per head, [heads, (q, k, v), head_dim], so a contiguous block of
 rows is a block of whole heads; GPT-2 `c_attn` concatenates q, k and v along its output, so each of the
-three parts is split and the rank's parts are concatenated again.
+three parts is split and the rank's parts are concatenated again; Phi-3's `qkv_proj` ([q; k; v], q wider
+under GQA) and `gate_up_proj` ([gate; up]) likewise, part by part.
 
 The vocabulary is padded, not required to divide: vocab-parallel tensors get zero rows up to the next
 multiple of the world size (`padded_vocab_size`), so GPT-2's 50257 tokens split over any world. Padded
@@ -41,6 +42,7 @@ _SPLITS: dict[str, dict[str, str]] = {  # architecture -> Hugging Face module na
 _SPLITS["qwen2"] = _SPLITS["qwen3"] = _SPLITS["llama"]  # Qwen3's per-head q_norm/k_norm are replicated
 _CONV1D = {"gpt2"}  # architectures whose projection weights are stored [in, out]
 _FUSED_PARTS = {("gpt2", "c_attn"): 3}  # q, k and v concatenated along the split dimension
+_SPLITS["phi3"] = {"qkv_proj": COLUMN, "gate_up_proj": COLUMN, "o_proj": ROW, "down_proj": ROW}
 
 
 def padded_vocab_size(vocab_size: int, world_size: int) -> int:
@@ -109,15 +111,16 @@ def shard_hf_tensor(
         return tensor
     if shard_kind(config, hf_name) == VOCAB:
         tensor = _pad_vocab(config, hf_name, tensor, world_size)
-    parts = _FUSED_PARTS.get((config.architecture, _module_and_leaf(hf_name)[0]), 1)
-    size = tensor.shape[dim]
-    if size % (parts * world_size):
+    part_rows = _fused_part_rows(config, hf_name, tensor.shape[dim])
+    if any(rows % world_size for rows in part_rows):
         raise ModelLoadError(
-            f"weight {hf_name!r} has {size} rows along dimension {dim}, which do not split into "
-            f"{parts} part(s) over tensor_parallel_size {world_size}"
+            f"weight {hf_name!r} has {tensor.shape[dim]} rows along dimension {dim}, which do not split "
+            f"into {len(part_rows)} part(s) over tensor_parallel_size {world_size}"
         )
-    chunks = [part.chunk(world_size, dim)[rank] for part in tensor.chunk(parts, dim)]
-    return torch.cat(chunks, dim) if parts > 1 else chunks[0].clone(memory_format=torch.contiguous_format)
+    chunks = [part.chunk(world_size, dim)[rank] for part in tensor.split(part_rows, dim)]
+    if len(chunks) > 1:
+        return torch.cat(chunks, dim)
+    return chunks[0].clone(memory_format=torch.contiguous_format)
 
 
 def merge_hf_shards(config: ModelConfig, hf_name: str, shards: list[torch.Tensor]) -> torch.Tensor:
@@ -128,12 +131,28 @@ def merge_hf_shards(config: ModelConfig, hf_name: str, shards: list[torch.Tensor
     dim = shard_dim(config, hf_name, shards[0].dim())
     if len(shards) == 1 or dim is None:
         return shards[0]
-    parts = _FUSED_PARTS.get((config.architecture, _module_and_leaf(hf_name)[0]), 1)
-    per_part = [shard.chunk(parts, dim) for shard in shards]
-    merged = torch.cat([torch.cat([p[i] for p in per_part], dim) for i in range(parts)], dim)
+    world = len(shards)
+    part_rows = [rows // world for rows in _fused_part_rows(config, hf_name, shards[0].shape[dim] * world)]
+    per_part = [shard.split(part_rows, dim) for shard in shards]
+    merged = torch.cat([torch.cat([p[i] for p in per_part], dim) for i in range(len(part_rows))], dim)
     if shard_kind(config, hf_name) == VOCAB:
         merged = merged.narrow(0, 0, config.vocab_size).clone()
     return merged
+
+
+def _fused_part_rows(config: ModelConfig, hf_name: str, rows: int) -> list[int]:
+    """The full sizes of the parts a fused tensor of `rows` rows concatenates, each split on its own:
+    Phi-3's qkv_proj is [q; k; v] (q wider under GQA) and gate_up_proj is [gate; up]; [rows] when unfused."""
+    module = _module_and_leaf(hf_name)[0]
+    if config.architecture == "phi3" and module == "qkv_proj":
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        return [q, kv, kv]
+    if config.architecture == "phi3" and module == "gate_up_proj":
+        return [config.intermediate_size] * 2
+    parts = _FUSED_PARTS.get((config.architecture, module), 1)
+    if rows % parts:
+        raise ModelLoadError(f"weight {hf_name!r} has {rows} rows, which do not split into {parts} parts")
+    return [rows // parts] * parts
 
 
 def _pad_vocab(config: ModelConfig, hf_name: str, tensor: torch.Tensor, world_size: int) -> torch.Tensor:
