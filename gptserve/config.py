@@ -1,7 +1,8 @@
 """Engine configuration: dataclasses built once from CLI flags, `LLM(...)` options or a checkpoint.
 
-`ModelConfig` normalises the supported Hugging Face config families (Llama, Qwen2, Qwen3, Phi-3, GPT-J,
-GPT-NeoX, GPT-2) into one set of field names, so model code and the engine never re-read `config.json`.
+`ModelConfig` normalises the supported Hugging Face config families (Llama, Qwen2, Qwen3, Phi-3, Gemma 2,
+Gemma 3, GPT-J, GPT-NeoX, GPT-2) into one set of field names, so model code and the engine never re-read
+`config.json`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ ARCHITECTURES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
     "gptj": "gptj",
     "gpt_neox": "gpt_neox",
     "gpt2": "gpt2",
@@ -69,6 +72,15 @@ class ModelConfig:
     attention_bias: bool = False  # on q, k, v and the output projection
     qkv_bias: bool = False  # on q, k and v only (Qwen2)
     mlp_bias: bool = False
+    # Gemma 2/3: attention scale (query_pre_attn_scalar ** -0.5), soft-capping of attention scores and of
+    # the final logits, each layer's kind ("sliding_attention" | "full_attention"), the window of the
+    # sliding ones and their own RoPE base (Gemma 3).
+    attention_scale: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int | None = None
+    local_rope_theta: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -114,6 +126,8 @@ class ModelConfig:
                 return cls._from_qwen(arch, cfg, common)
             if arch == "phi3":
                 return cls._from_phi3(cfg, common)
+            if arch in ("gemma2", "gemma3"):
+                return cls._from_gemma(arch, cfg, common)
             if arch == "gptj":
                 heads = cfg["n_head"]
                 hidden = cfg["n_embd"]
@@ -249,6 +263,59 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             activation=cfg.get("hidden_act", "silu"),
+            **common,
+        )
+
+    @classmethod
+    def _from_gemma(cls, arch: str, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+        """Gemma 2 and Gemma 3 (text): local (sliding-window) and global layers, attention scaled by
+        query_pre_attn_scalar; Gemma 2 soft-caps attention scores, both may soft-cap the final logits;
+        Gemma 3's local layers have their own RoPE base. Sliding-window attention is not applied yet, so
+        the context is limited to the window, where it makes no difference."""
+        heads = cfg["num_attention_heads"]
+        num_layers = cfg["num_hidden_layers"]
+        pattern = 2 if arch == "gemma2" else cfg.get("sliding_window_pattern") or 6
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+        ]
+        window = cfg.get("sliding_window")
+        max_positions = cfg.get("max_position_embeddings", 8192)
+        if window and "sliding_attention" in types:
+            max_positions = min(max_positions, window)
+        params = _rope_parameters(cfg)
+        if "full_attention" in params:  # per layer kind, as transformers 5 writes Gemma 3's
+            full, local = params["full_attention"] or {}, params.get("sliding_attention") or {}
+            theta = float(full.get("rope_theta", 1000000.0))
+            local_theta = float(local.get("rope_theta", 10000.0))
+            kind = full.get("rope_type") or full.get("type") or "default"
+            scaling = None if kind == "default" else dict(full, rope_type=kind)
+        else:
+            theta = _rope_theta(cfg, 10000.0 if arch == "gemma2" else 1000000.0)
+            local_theta = float(cfg.get("rope_local_base_freq") or 10000.0)
+            scaling = _rope_scaling(cfg)
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=max_positions,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rotary_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            activation=cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh",
+            attention_bias=cfg.get("attention_bias", False),
+            attention_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
+            attn_logit_softcap=cfg.get("attn_logit_softcapping") if arch == "gemma2" else None,
+            final_logit_softcap=cfg.get("final_logit_softcapping"),
+            layer_types=list(types),
+            sliding_window=window,
+            local_rope_theta=local_theta if arch == "gemma3" else theta,
             **common,
         )
 

@@ -32,6 +32,7 @@ def _paged_decode_kernel(
     tables_ptr,
     lens_ptr,
     scale,
+    softcap,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -49,6 +50,7 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     LAST_COMBINES: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -78,6 +80,8 @@ def _paged_decode_kernel(
         k = tl.load(k_base + rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_base + rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
+        if SOFTCAP:  # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         s = tl.where(t_mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
@@ -207,6 +211,7 @@ def paged_attention_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its cached context.
 
@@ -215,7 +220,8 @@ def paged_attention_decode(
     to, 0 for a padding row). With `arrivals` (`arrival_counters`, at least B x heads of them) the last
     split of each (sequence, head) combines the splits, else a second kernel does. `splits` (a power of
     two) overrides `num_splits`; `block_n` (tokens per tile), `num_warps` and `num_stages` override the
-    launch configuration. Returns [B, heads, head_dim] in q's dtype.
+    launch configuration. With `softcap`, each score s (already scaled) becomes softcap * tanh(s / softcap)
+    (Gemma 2's logit soft-capping). Returns [B, heads, head_dim] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
     two_kv_heads, _, block_size, cache_dim = kv_cache.shape
@@ -244,6 +250,7 @@ def paged_attention_decode(
         block_tables,
         context_lens,
         scale,
+        softcap or 1.0,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -261,6 +268,7 @@ def paged_attention_decode(
         BLOCK_N=block_n,
         SPLITS=splits,
         LAST_COMBINES=last_combines,
+        SOFTCAP=softcap is not None,
         num_warps=num_warps,
         **stages,
     )
@@ -286,6 +294,7 @@ def paged_attention_decode_reference(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch `paged_attention_decode`, one sequence at a time, softmax in float32."""
     batch, num_heads, head_dim = q.shape
@@ -301,5 +310,7 @@ def paged_attention_decode_reference(
         k = ctx[:num_kv_heads].repeat_interleave(group, dim=0)
         v = ctx[num_kv_heads:].repeat_interleave(group, dim=0)
         scores = torch.einsum("hd,hnd->hn", q[b].float() * scale, k)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         out[b] = torch.einsum("hn,hnd->hd", scores.softmax(dim=-1), v).to(q.dtype)
     return out

@@ -150,12 +150,21 @@ def attention_context(metadata: AttentionMetadata | None) -> Iterator[None]:
 class Attention(nn.Module):
     """Multi-head / grouped-query attention reading and writing one layer of the paged KV cache."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+        softcap: float | None = None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
+        # Logit soft-capping (Gemma 2): scores become softcap * tanh(scores / softcap) before the mask.
+        self.softcap = softcap
         # [2 * num_kv_heads, num_blocks, block_size, head_dim]; k_cache / v_cache are its two halves,
         # [num_kv_heads, num_blocks, block_size, head_dim] each. Bound by `allocate_cache`.
         self.kv_cache: torch.Tensor | None = None
@@ -231,9 +240,31 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
         # q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D]
+        if self.softcap is not None:
+            return self._softcapped(q, k, v, **kw)
         return F.scaled_dot_product_attention(
             q, k, v, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads, **kw
         )
+
+    def _softcapped(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        is_causal: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`_sdpa` with soft-capped scores, written out as transformers' eager attention computes it:
+        scores in the activation dtype, capped, masked, softmax in float32."""
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if is_causal:
+            attn_mask = _chunk_causal_mask(q.shape[-2], k.shape[-2], q.device)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Plain causal attention over the input, no cache: q [T, heads*dim], k/v [T, kv_heads*dim]."""
@@ -260,7 +291,7 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta)
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and self.softcap is None:
             out[nd:] = self._prefill_varlen(q[nd:], kv[nd:], meta.varlen_prefill())
             return out
         hkv, dim = self.num_kv_heads, self.head_dim
@@ -319,7 +350,13 @@ class Attention(nn.Module):
             q3 = q.view(b, self.num_heads, self.head_dim)
             lens = meta.decode_lens_tensor()
             out = paged_attention_decode(
-                q3, self.kv_cache, meta.decode_blocks, lens, self.scale, arrivals=self._arrivals
+                q3,
+                self.kv_cache,
+                meta.decode_blocks,
+                lens,
+                self.scale,
+                arrivals=self._arrivals,
+                softcap=self.softcap,
             )
             return out.view(b, -1)
         hkv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
@@ -330,7 +367,11 @@ class Attention(nn.Module):
         qg = q.view(b, hkv, group, dim)
         qg = qg.view(hkv, group, dim) if b == 1 else qg.transpose(0, 1).reshape(hkv * b, group, dim)
         bias = meta.decode_bias(hkv, block_size)
-        scores = torch.baddbmm(bias, qg.float(), kv[0].transpose(1, 2), alpha=self.scale)  # [Hkv*B, G, L]
+        if self.softcap is None:
+            scores = torch.baddbmm(bias, qg.float(), kv[0].transpose(1, 2), alpha=self.scale)  # [Hkv*B, G, L]
+        else:
+            scores = torch.bmm(qg.float(), kv[0].transpose(1, 2)) * self.scale
+            scores = torch.tanh(scores / self.softcap) * self.softcap + bias
         out = torch.bmm(torch.softmax(scores, dim=-1), kv[1])  # [Hkv*B, G, D]
         if b > 1:
             out = out.view(hkv, b, group, dim).transpose(0, 1)

@@ -23,6 +23,8 @@ _MODELS = {
     "qwen2": ("gptserve.models.llama", "LlamaForCausalLM"),  # Llama with biased q/k/v (config.qkv_bias)
     "qwen3": ("gptserve.models.qwen3", "Qwen3ForCausalLM"),
     "phi3": ("gptserve.models.phi3", "Phi3ForCausalLM"),
+    "gemma2": ("gptserve.models.gemma", "GemmaForCausalLM"),
+    "gemma3": ("gptserve.models.gemma", "GemmaForCausalLM"),
     "gptj": ("gptserve.models.gptj", "GPTJForCausalLM"),
     "gpt_neox": ("gptserve.models.gpt_neox", "GPTNeoXForCausalLM"),
     "gpt2": ("gptserve.models.gpt2", "GPT2LMHeadModel"),

@@ -43,6 +43,7 @@ _SPLITS["qwen2"] = _SPLITS["qwen3"] = _SPLITS["llama"]  # Qwen3's per-head q_nor
 _CONV1D = {"gpt2"}  # architectures whose projection weights are stored [in, out]
 _FUSED_PARTS = {("gpt2", "c_attn"): 3}  # q, k and v concatenated along the split dimension
 _SPLITS["phi3"] = {"qkv_proj": COLUMN, "gate_up_proj": COLUMN, "o_proj": ROW, "down_proj": ROW}
+_SPLITS["gemma2"] = _SPLITS["gemma3"] = _SPLITS["llama"]  # Gemma 3's per-head q_norm/k_norm are replicated
 
 
 def padded_vocab_size(vocab_size: int, world_size: int) -> int:
