@@ -291,8 +291,9 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta)
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and self.softcap is None:
-            out[nd:] = self._prefill_varlen(q[nd:], kv[nd:], meta.varlen_prefill())
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            prefill = self._prefill_varlen if self.softcap is None else self._prefill_softcapped
+            out[nd:] = prefill(q[nd:], kv[nd:], meta.varlen_prefill())
             return out
         hkv, dim = self.num_kv_heads, self.head_dim
         for chunk in meta.prefills:
@@ -333,6 +334,31 @@ class Attention(nn.Module):
             scale=self.scale,
         )[0]
         return out.view(q.shape[0], -1)
+
+    def _prefill_softcapped(self, q: torch.Tensor, kv: torch.Tensor, layout: VarlenPrefill) -> torch.Tensor:
+        """`_prefill_varlen` with soft-capped scores, which FlashAttention's call cannot apply: one masked
+        product over every chunk's queries and keys, the block-diagonal causal mask built on the device
+        from the varlen offsets (so a captured prefill graph replays it). Its memory grows with the square
+        of the step's prefill tokens."""
+        hkv, dim, device = self.num_kv_heads, self.head_dim, q.device
+        if layout.context_slots is None:
+            keys, values = kv[:, :hkv], kv[:, hkv:]
+        else:
+            ctx = _bytes(self._slots).index_select(1, layout.context_slots).view(self._slots.dtype)
+            ctx = ctx.transpose(0, 1).to(q.dtype)
+            keys, values = ctx[:, :hkv], ctx[:, hkv:]
+        cu_q, cu_k = layout.cu_queries.long(), layout.cu_keys.long()
+        q_index = torch.arange(q.shape[0], device=device)
+        k_index = torch.arange(keys.shape[0], device=device)
+        q_seq = torch.searchsorted(cu_q[1:], q_index, right=True)
+        k_seq = torch.searchsorted(cu_k[1:], k_index, right=True)
+        cached = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # each chunk's prefix already in the cache
+        q_pos = q_index - cu_q[q_seq] + cached[q_seq]
+        k_pos = k_index - cu_k[k_seq]
+        mask = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+        qh = q.view(q.shape[0], self.num_heads, dim).transpose(0, 1)[None]
+        o = self._softcapped(qh, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask)
+        return o[0].transpose(0, 1).reshape(q.shape[0], -1)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per sequence, q [B, heads*dim] -> [B, heads*dim].
