@@ -21,6 +21,8 @@ ARCHITECTURES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "mixtral": "mixtral",
+    "qwen3_moe": "qwen3_moe",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "gptj": "gptj",
@@ -72,6 +74,15 @@ class ModelConfig:
     attention_bias: bool = False  # on q, k, v and the output projection
     qkv_bias: bool = False  # on q, k and v only (Qwen2)
     mlp_bias: bool = False
+    # Mixture of experts (Mixtral, Qwen3-MoE): experts per MoE layer, experts chosen per token, whether the
+    # chosen experts' weights are renormalised to sum to one, each expert's inner size. Layers listed in
+    # mlp_only_layers, and those off the decoder_sparse_step, have a dense MLP of intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
+    moe_intermediate_size: int = 0
+    mlp_only_layers: list[int] = field(default_factory=list)
+    decoder_sparse_step: int = 1
     # Gemma 2/3: attention scale (query_pre_attn_scalar ** -0.5), soft-capping of attention scores and of
     # the final logits, each layer's kind ("sliding_attention" | "full_attention"), the window of the
     # sliding ones and their own RoPE base (Gemma 3).
@@ -126,6 +137,8 @@ class ModelConfig:
                 return cls._from_qwen(arch, cfg, common)
             if arch == "phi3":
                 return cls._from_phi3(cfg, common)
+            if arch in ("mixtral", "qwen3_moe"):
+                return cls._from_moe(arch, cfg, common)
             if arch in ("gemma2", "gemma3"):
                 return cls._from_gemma(arch, cfg, common)
             if arch == "gptj":
@@ -317,6 +330,58 @@ class ModelConfig:
             sliding_window=window,
             local_rope_theta=local_theta if arch == "gemma3" else theta,
             **common,
+        )
+
+    @classmethod
+    def _from_moe(cls, arch: str, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
+        """Mixtral (Llama's attention) and Qwen3-MoE (Qwen3's, per-head q/k norms): a sparse MoE MLP.
+
+        Mixtral's optional sliding window is not applied, so its context is limited to the window, where
+        it makes no difference; a Qwen3-MoE config that turns its window on is refused."""
+        if arch == "qwen3_moe" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+            raise ModelLoadError(
+                f"qwen3_moe config sets use_sliding_window (window {cfg['sliding_window']}): sliding-window "
+                "attention is not supported; released Qwen3-MoE checkpoints set use_sliding_window false"
+            )
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        max_positions = cfg.get("max_position_embeddings", 32768)
+        window = cfg.get("sliding_window") if arch == "mixtral" else None
+        if window:
+            max_positions = min(max_positions, window)
+        mixtral = arch == "mixtral"
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=max_positions,
+            norm_eps=cfg.get("rms_norm_eps", 1e-5 if mixtral else 1e-6),
+            rotary_dim=head_dim,
+            rope_theta=_rope_theta(cfg, 1000000.0 if mixtral else 10000.0),
+            rope_scaling=_rope_scaling(cfg),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            activation=cfg.get("hidden_act", "silu"),
+            attention_bias=not mixtral and cfg.get("attention_bias", False),
+            num_experts=cfg.get("num_experts") or cfg["num_local_experts"],
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            norm_topk_prob=mixtral or cfg.get("norm_topk_prob", False),
+            moe_intermediate_size=cfg["intermediate_size"] if mixtral else cfg["moe_intermediate_size"],
+            mlp_only_layers=[] if mixtral else list(cfg.get("mlp_only_layers") or []),
+            decoder_sparse_step=1 if mixtral else cfg.get("decoder_sparse_step") or 1,
+            **common,
+        )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has a sparse MoE MLP (else a dense one), as transformers decides."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
         )
 
 

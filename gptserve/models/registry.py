@@ -23,6 +23,8 @@ _MODELS = {
     "qwen2": ("gptserve.models.llama", "LlamaForCausalLM"),  # Llama with biased q/k/v (config.qkv_bias)
     "qwen3": ("gptserve.models.qwen3", "Qwen3ForCausalLM"),
     "phi3": ("gptserve.models.phi3", "Phi3ForCausalLM"),
+    "mixtral": ("gptserve.models.mixtral", "MixtralForCausalLM"),
+    "qwen3_moe": ("gptserve.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "gemma2": ("gptserve.models.gemma", "GemmaForCausalLM"),
     "gemma3": ("gptserve.models.gemma", "GemmaForCausalLM"),
     "gptj": ("gptserve.models.gptj", "GPTJForCausalLM"),

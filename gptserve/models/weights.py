@@ -24,12 +24,14 @@ def load_hf_weights(
     weights: Iterable[tuple[str, torch.Tensor]],
     packed: Packed | None = None,
     ignore: tuple[str, ...] = (),
+    loaded_elsewhere: frozenset[str] = frozenset(),
 ) -> None:
     """Copy `(hf_name, tensor)` pairs into `model`, casting to each parameter's dtype and device.
 
     Names ending with one of `ignore` are skipped (buffers older checkpoints carry, tied heads). Raises
     `ModelLoadError` naming the tensor on an unknown name or a shape mismatch, and naming what is missing
-    once `weights` is exhausted.
+    once `weights` is exhausted. Parameters named in `loaded_elsewhere` (stacked expert weights a model
+    fills from per-expert tensors) are not required here: that model checks them itself.
     """
     params = dict(model.named_parameters())
     packed = packed or {}
@@ -41,6 +43,8 @@ def load_hf_weights(
             offset += rows
     missing: set[tuple[str, str | None]] = set()  # (parameter, part of a packed one or None)
     for name in params:
+        if name in loaded_elsewhere:
+            continue
         short = _module_name(name)
         if short in packed:
             missing.update((name, part) for part in packed[short])

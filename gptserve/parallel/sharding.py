@@ -43,6 +43,10 @@ _SPLITS["qwen2"] = _SPLITS["qwen3"] = _SPLITS["llama"]  # Qwen3's per-head q_nor
 _CONV1D = {"gpt2"}  # architectures whose projection weights are stored [in, out]
 _FUSED_PARTS = {("gpt2", "c_attn"): 3}  # q, k and v concatenated along the split dimension
 _SPLITS["phi3"] = {"qkv_proj": COLUMN, "gate_up_proj": COLUMN, "o_proj": ROW, "down_proj": ROW}
+# Mixture of experts: each expert splits as a dense MLP does (Mixtral's w1/w3 gate/up, w2 down); the
+# router (`gate`) is replicated, so every rank routes the same.
+_SPLITS["mixtral"] = {**_SPLITS["llama"], "w1": COLUMN, "w3": COLUMN, "w2": ROW}
+_SPLITS["qwen3_moe"] = _SPLITS["llama"]
 _SPLITS["gemma2"] = _SPLITS["gemma3"] = _SPLITS["llama"]  # Gemma 3's per-head q_norm/k_norm are replicated
 
 
@@ -54,7 +58,8 @@ def padded_vocab_size(vocab_size: int, world_size: int) -> int:
 def check_tensor_parallel(config: ModelConfig, world_size: int) -> None:
     """Raise `ModelLoadError` naming the number when `config` cannot be split over `world_size` ranks.
 
-    Attention heads, KV heads and the MLP intermediate size must divide; the vocabulary is padded.
+    Attention heads, KV heads and the MLP (and MoE expert) intermediate sizes must divide; the vocabulary
+    is padded.
     """
     if world_size < 1:
         raise ModelLoadError(f"tensor_parallel_size must be at least 1, got {world_size}")
@@ -62,6 +67,7 @@ def check_tensor_parallel(config: ModelConfig, world_size: int) -> None:
         "attention heads": config.num_heads,
         "key/value heads": config.num_kv_heads,
         "intermediate size": config.intermediate_size,
+        "expert intermediate size": config.moe_intermediate_size,
     }
     for what, n in sizes.items():
         if n % world_size:
