@@ -1,18 +1,23 @@
 """Phi-3 through the engine: greedy tokens and top-5 log-probabilities equal transformers' `generate` for
-prompts of different lengths batched together."""
+prompts of different lengths batched together, with plain RoPE and with LongRoPE below its original length
+(short factors, cos and sin scaled by the attention factor)."""
 
 from __future__ import annotations
 
+import pytest
+
 from gptserve import LLM, SamplingParams
 from tests.conftest import hf_greedy, random_prompts
-from tests.tiny_phi3 import build_tiny_phi3
+from tests.tiny_phi3 import LONGROPE, build_tiny_phi3
 
 NEW_TOKENS = 32
 LENGTHS = [5, 23, 41]
+ROPES = {"default": {}, "longrope-short": dict(LONGROPE, original_max_position_embeddings=128)}
 
 
-def test_greedy_and_logprobs_match_transformers(tmp_path):
-    hf_model = build_tiny_phi3(tmp_path)
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_greedy_and_logprobs_match_transformers(rope, tmp_path):
+    hf_model = build_tiny_phi3(tmp_path, **ROPES[rope])
     llm = LLM(str(tmp_path), dtype="fp32", device="cpu", max_num_batched_tokens=48)
     prompts = random_prompts(len(LENGTHS), hf_model.config.vocab_size, LENGTHS, seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)
