@@ -59,3 +59,23 @@ def test_gemma3_config_old_and_new_rope_fields():
         assert config.layer_types == ["sliding_attention", "full_attention"] * 2
         assert (config.rope_theta, config.local_rope_theta) == (1000000.0, 10000.0)
         assert config.rope_scaling["rope_type"] == "linear" and config.rope_scaling["factor"] == 4.0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_logits_match_transformers_bf16(arch):
+    hf = build_tiny_gemma(arch)
+    config = ModelConfig.from_hf(hf.config.to_dict())
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        ours = model_class(config)(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    ours.load_weights(hf.state_dict().items())
+    tokens = torch.randint(0, hf.config.vocab_size, (32,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = hf(tokens[None]).logits[0]
+        expected = hf.to(torch.bfloat16)(tokens[None]).logits[0].float()
+        actual = ours.compute_logits(ours(tokens, torch.arange(len(tokens))))
+    # The same operations in the same dtype (embedding scale rounded to bf16, norms in float32): ours stays
+    # closer to transformers' bf16 logits than those are to the float32 ones.
+    assert (actual - expected).abs().max() < (expected - exact).abs().max()
