@@ -96,6 +96,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="CUDA: what multiplies one row (a lone sequence's decode step) by an fp16/bf16 weight; auto: "
         "the Triton GEMV where its tile divides the weight (`gptserve tune` may choose otherwise)",
     )
+    parser.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="auto|none|PATH",
+        help="default sampling values (temperature, top_p, top_k, min_p, repetition_penalty) for fields a "
+        "request leaves out: auto: the model's generation_config.json, else its card's values (embedded "
+        "SmolLM2), else gptserve's; none: gptserve's (temperature 1, no truncation); PATH: a directory "
+        "or file holding a generation_config.json",
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -167,6 +176,7 @@ def engine_options(args: argparse.Namespace):
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         kv_cache_dtype=args.kv_cache_dtype,
         gemv=args.gemv,
+        generation_config=args.generation_config,
     )
 
 

@@ -22,7 +22,8 @@ class LLM:
 
     `LLM()` serves the embedded SmolLM2-135M-Instruct. Engine options mirror the serve flags in snake
     case (`device`, `dtype`, `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`,
-    `kv_cache_memory`, `block_size`, `enable_prefix_caching`, `tensor_parallel_size`, ...).
+    `kv_cache_memory`, `block_size`, `enable_prefix_caching`, `tensor_parallel_size`,
+    `generation_config`, ...).
     """
 
     def __init__(self, model: str | Path | None = None, **engine_options):
@@ -47,6 +48,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """`SamplingParams` with the model's default sampling values (`generation_config`), which
+        `generate` uses when given none; build on it with `dataclasses.replace`."""
+        return SamplingParams(**self.engine.sampling_defaults.values())
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -56,11 +62,12 @@ class LLM:
         """Generate for every prompt; returns one finished `RequestOutput` per prompt, in order.
 
         A prompt is a string or a list of token ids; `sampling_params` is one for all or one per prompt.
-        `use_tqdm` shows a progress bar over finished requests (see `gptserve.progress`).
+        `use_tqdm` shows a progress bar over finished requests (see `gptserve.progress`). Without
+        `sampling_params`, the model's defaults (`get_default_sampling_params`).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} sampling params for {len(prompts)} prompts")

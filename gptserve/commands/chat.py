@@ -41,9 +41,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", default=None, help="jinja2 chat template file overriding the model's")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the server's)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest (default: all)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature; 0 = greedy (default: the model's)",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the model's)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="sample among the K likeliest (default: the model's)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="divide the scores of tokens already seen by this (default: the model's)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: none, answers vary)")
 
 
@@ -154,15 +170,8 @@ def run(args: argparse.Namespace) -> int:
     # The flags are checked before anything loads or connects (the server would refuse them later).
     sampling_params_from_flags(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
     )  # fmt: skip
-    options = Options(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
     api_key = args.api_key or os.environ.get("GPTSERVE_API_KEY") or None
     with contextlib.ExitStack() as stack:
         if args.url:
@@ -174,8 +183,41 @@ def run(args: argparse.Namespace) -> int:
             api_key = None
         client = OpenAIClient(url, api_key, args.model_name)
         stack.callback(client.close)
+        defaults = _model_defaults(client)
+        options = Options(
+            max_tokens=args.max_tokens,
+            temperature=_flag_or(args.temperature, defaults, "temperature", 0.7),
+            top_p=_flag_or(args.top_p, defaults, "top_p", None),
+            top_k=_flag_or(args.top_k, defaults, "top_k", None),
+            repetition_penalty=_flag_or(args.repetition_penalty, defaults, "repetition_penalty", None),
+            seed=args.seed,
+        )
         where = f" at {args.url}" if args.url else ""
         print(f"Chatting with {client.model}{where}. /help lists commands; Ctrl-C stops an answer, "
               "Ctrl-D quits.", flush=True)  # fmt: skip
+        sampling = ", ".join(
+            f"{name} {getattr(options, name)}"
+            for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+            if getattr(options, name) is not None
+        )
+        source = f" (defaults from {defaults['source']})" if "source" in defaults else ""
+        print(f"Sampling with {sampling}{source}.", flush=True)
         _loop(ChatSession(client, options, args.system))
     return 0
+
+
+def _model_defaults(client) -> dict:
+    """The served model's default sampling values (its `/v1/models` entry), or {} from a server that
+    does not report them."""
+    response = client.http.get(f"/models/{client.model}")
+    if response.status_code != 200:
+        return {}
+    defaults = response.json().get("sampling_defaults")
+    return defaults if isinstance(defaults, dict) else {}
+
+
+def _flag_or(flag, defaults: dict, name: str, fallback):
+    """The flag's value if given, else the model's default, else `fallback` (a server without defaults)."""
+    if flag is not None:
+        return flag
+    return defaults.get(name, fallback)

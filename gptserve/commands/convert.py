@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 checkpoint, partial, args.tensor_parallel_size, dtype, quantization, progress=bar.update
             )
             bar.total = bar.n  # the estimate leaves out biases and norms
+        _keep_generation_config(src, partial)
         _move_into_place(partial, dst)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -73,6 +74,16 @@ def run(args: argparse.Namespace) -> int:
         f"peak RSS {peak_rss / 2**20:.0f} MiB"
     )
     return 0
+
+
+def _keep_generation_config(src: Path, dst: Path) -> None:
+    """Copy the source's `generation_config.json` (the model's default sampling values) beside the
+    converted weights, where `--generation-config auto` reads it."""
+    from gptserve.loading.generation_config import GENERATION_CONFIG_FILE
+
+    found = (src if src.is_dir() else src.parent) / GENERATION_CONFIG_FILE
+    if found.is_file():
+        shutil.copyfile(found, dst / GENERATION_CONFIG_FILE)
 
 
 def _read_source(src: Path, config_file: str | None):

@@ -25,7 +25,9 @@ from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.tp_launcher import current_world, serve_torchrun_rank, start_world
 from gptserve.engine.tp_worker import RunnerLayout
 from gptserve.errors import GptServeError
+from gptserve.generation_defaults import GenerationDefaults
 from gptserve.loading.checkpoint import Checkpoint
+from gptserve.loading.generation_config import read_generation_defaults
 from gptserve.loading.loader import load_checkpoint
 from gptserve.parallel import parallel_state
 from gptserve.parallel.sharding import check_tensor_parallel
@@ -49,6 +51,11 @@ def build_engine(
     """
     opts = options or EngineOptions()
     gemv_kernel(opts.gemv)  # a bad value is refused before anything is read
+    # A checkpoint handed over without a model path (random weights) recommends nothing.
+    given_alone = checkpoint is not None and model is None
+    sampling_defaults = (
+        GenerationDefaults() if given_alone else read_generation_defaults(model, opts.generation_config)
+    )
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     checkpoint = checkpoint or load_checkpoint(model)
@@ -80,6 +87,8 @@ def build_engine(
         )
         model_name = str(model) if model else "SmolLM2-135M-Instruct"
         engine = LLMEngine(config, runner, tokenizer, model_name, checkpoint.chat_template)
+        engine.sampling_defaults = sampling_defaults
+        logger.info("default sampling values: %s", sampling_defaults.describe())
         # Under tensor parallelism the graphs capture the all-reduces too; they are released before the
         # world's teardown, which waits for them.
         graphs = device.type == "cuda" and not opts.enforce_eager

@@ -39,6 +39,9 @@ class EngineOptions:
     async_scheduling: bool | None = None
     kv_cache_dtype: str = "auto"  # auto: the activations' dtype; fp8: float8 e4m3, half the bytes of fp16
     gemv: str = "auto"  # one-row products on CUDA: auto/triton = the Triton GEMV where it fits; cublas
+    # Default sampling values for fields a request leaves out: auto (the model's generation_config.json,
+    # else what is known of the model), none (gptserve's own) or a directory/file holding one.
+    generation_config: str = "auto"
 
 
 def parse_bytes(value: int | float | str | None) -> int | None:

@@ -18,12 +18,16 @@ from gptserve.engine.input_processor import InputProcessor
 from gptserve.engine.model_runner import ModelRunner
 from gptserve.engine.output_processor import OutputProcessor
 from gptserve.errors import InvalidRequestError
+from gptserve.generation_defaults import GenerationDefaults
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
 
 
 class LLMEngine:
     """One model, its engine core and the processors in front of and behind it."""
+
+    # The model's default sampling values for fields a request leaves out (the builder sets them).
+    sampling_defaults: GenerationDefaults = GenerationDefaults()
 
     def __init__(
         self,

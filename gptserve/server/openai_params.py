@@ -8,6 +8,7 @@ used (chat's `max_completion_tokens`, `top_logprobs`).
 from __future__ import annotations
 
 from gptserve.errors import InvalidRequestError
+from gptserve.generation_defaults import GenerationDefaults
 from gptserve.sampling_params import SamplingParams
 from gptserve.server.errors import bad_request, to_api_error
 from gptserve.server.openai_protocol import SamplingFields
@@ -32,24 +33,23 @@ def build_sampling_params(
     logprobs: int | None,
     renames: dict[str, str] | None = None,
     prompt_logprobs: int | None = None,
+    defaults: GenerationDefaults | None = None,
 ) -> SamplingParams:
-    """The request's sampling fields as `SamplingParams`; a 400 naming the field if one is out of range."""
-
-    def pick(value, default):
-        return default if value is None else value
-
+    """The request's sampling fields as `SamplingParams`; a 400 naming the field if one is out of range.
+    A field the request leaves out takes the served model's default (`defaults`)."""
+    pick = (defaults or GenerationDefaults()).pick
     try:
         return SamplingParams(
             n=req.n,
             max_tokens=max_tokens,
-            temperature=pick(req.temperature, 1.0),
-            top_p=pick(req.top_p, 1.0),
-            top_k=pick(req.top_k, 0),
-            min_p=pick(req.min_p, 0.0),
+            temperature=pick("temperature", req.temperature),
+            top_p=pick("top_p", req.top_p),
+            top_k=pick("top_k", req.top_k),
+            min_p=pick("min_p", req.min_p),
             seed=req.seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=pick(req.repetition_penalty, 1.0),
+            repetition_penalty=pick("repetition_penalty", req.repetition_penalty),
             logit_bias=_logit_bias(req.logit_bias),
             stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []),

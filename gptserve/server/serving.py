@@ -41,6 +41,7 @@ class OpenAIServing:
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model_config.vocab_size
         self.tokenizer = engine.engine.tokenizer
+        self.sampling_defaults = engine.engine.sampling_defaults
         self.tokens = TokenText(self.tokenizer)
         self.created = int(time.time())
         self.tool_parser = choose_parser(self.chat_template.source, tool_call_parser)
@@ -68,6 +69,8 @@ class OpenAIServing:
             "root": self.model_path or name,
             "parent": None,
             "max_model_len": self.max_model_len,
+            # What a request that leaves these fields out samples with (`--generation-config`).
+            "sampling_defaults": {**self.sampling_defaults.values(), "source": self.sampling_defaults.source},
         }
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:

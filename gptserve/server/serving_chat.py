@@ -69,7 +69,9 @@ async def create_chat_completion(
     renames = {"max_tokens": max_tokens_param, "logprobs": "top_logprobs"}
     if req.stream and req.prompt_logprobs is not None:
         raise bad_request("prompt_logprobs is served without streaming", "stream")
-    params = build_sampling_params(req, max_tokens, num_top, renames, prompt_logprobs=req.prompt_logprobs)
+    params = build_sampling_params(
+        req, max_tokens, num_top, renames, req.prompt_logprobs, serving.sampling_defaults
+    )
     tools = plan_tools(req, serving.tool_parser)
     if tools.constraint is not None:
         if params.structured_outputs is not None:

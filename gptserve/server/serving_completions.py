@@ -88,7 +88,9 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     prompt_logprobs = req.prompt_logprobs
     if scored:
         prompt_logprobs = max(prompt_logprobs or 0, req.logprobs or 0)
-    params = build_sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=prompt_logprobs)
+    params = build_sampling_params(
+        req, req.max_tokens, req.logprobs, None, prompt_logprobs, serving.sampling_defaults
+    )
     await compile_constraint(serving, params)
     echo = None
     if req.echo:

@@ -41,6 +41,7 @@ from gptserve.frontend.request_stream import RequestStream, abort_all, merge_bat
 from gptserve.outputs import RequestOutput
 from gptserve.sampling_params import SamplingParams
 from gptserve.triton import ft_tensors as ft
+from gptserve.triton.text_defaults import with_model_defaults, with_model_min_p
 from gptserve.triton.text_words import WORD_INPUTS, with_words
 from gptserve.triton.types import (
     InferRequest,
@@ -236,7 +237,10 @@ class LLMModel(TritonModel):
         tokenize = self.engine.inputs.tokenize
         prompts = [tokenize(t) for t in prompt_texts]
         max_tokens = [int(n) for n in lens]
-        params, _ = ft.sampling_params(request.inputs, max_tokens, self.eos_token_ids, None, extra)
+        defaults = self.engine.engine.sampling_defaults
+        sampling_extra = with_model_defaults(defaults, request.inputs, extra)
+        params, _ = ft.sampling_params(request.inputs, max_tokens, self.eos_token_ids, None, sampling_extra)
+        params = with_model_min_p(defaults, params, extra)
         params = with_words(request, params, partial(tokenize, add_special_tokens=False))
         exclude = request.inputs.get("exclude_input_in_output", extra.get("exclude_input_in_output", False))
         return _Job(prompts, params, prompt_texts=prompt_texts, exclude_input=_truthy(exclude))

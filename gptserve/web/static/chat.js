@@ -60,7 +60,28 @@ async function loadModels() {
     }),
   );
   if (current) select.value = current;
+  state.models = Object.fromEntries(body.data.map((m) => [m.id, m]));
+  showDefaults();
   showError("");
+}
+
+// The sampling fields start from the served model's defaults (its generation_config.json, its card's
+// values, or gptserve's), which the server reports in the model's /v1/models entry.
+const DEFAULT_FIELDS = {
+  temperature: "temperature",
+  top_p: "top-p",
+  min_p: "min-p",
+  repetition_penalty: "repetition-penalty",
+};
+
+function showDefaults() {
+  const model = (state.models || {})[$("model").value];
+  const defaults = model && model.sampling_defaults;
+  if (!defaults) return;
+  for (const [key, id] of Object.entries(DEFAULT_FIELDS)) {
+    if (defaults[key] !== undefined) $(id).value = String(defaults[key]);
+  }
+  $("defaults-source").textContent = `Defaults from ${defaults.source}`;
 }
 
 function addMessage(role, text) {
@@ -88,6 +109,8 @@ function requestBody() {
     stream_options: { include_usage: true },
     temperature: number("temperature"),
     top_p: number("top-p"),
+    min_p: number("min-p"),
+    repetition_penalty: number("repetition-penalty"),
     max_tokens: number("max-tokens"),
     seed: number("seed"),
   };
@@ -214,5 +237,6 @@ $("reset").addEventListener("click", () => {
 });
 
 $("api-key").addEventListener("change", loadModels);
+$("model").addEventListener("change", showDefaults);
 
 loadModels();
