@@ -131,6 +131,8 @@ class ModelConfig:
                     activation=cfg.get("hidden_act", "silu"),
                     attention_bias=cfg.get("attention_bias", False),
                     mlp_bias=cfg.get("mlp_bias", False),
+                    # Mistral: each query sees only the last `sliding_window` positions (itself included).
+                    sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
                     **common,
                 )
             if arch in ("qwen2", "qwen3"):

@@ -33,6 +33,7 @@ def _paged_decode_kernel(
     lens_ptr,
     scale,
     softcap,
+    window,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -57,8 +58,11 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     kv_head = head // GROUP
     context_len = tl.load(lens_ptr + seq).to(tl.int32)
-    tiles_per_split = tl.cdiv(tl.cdiv(context_len, BLOCK_N), SPLITS)
-    first = split * tiles_per_split * BLOCK_N
+    # With a sliding window (window > 0) only the last `window` tokens are read: the splits share them
+    # and the blocks before them are never loaded.
+    lo = tl.where(window > 0, tl.maximum(context_len - window, 0), 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len - lo, BLOCK_N), SPLITS)
+    first = lo + split * tiles_per_split * BLOCK_N
     last = tl.minimum(first + tiles_per_split * BLOCK_N, context_len)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
@@ -212,6 +216,7 @@ def paged_attention_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     softcap: float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its cached context.
 
@@ -221,7 +226,9 @@ def paged_attention_decode(
     split of each (sequence, head) combines the splits, else a second kernel does. `splits` (a power of
     two) overrides `num_splits`; `block_n` (tokens per tile), `num_warps` and `num_stages` override the
     launch configuration. With `softcap`, each score s (already scaled) becomes softcap * tanh(s / softcap)
-    (Gemma 2's logit soft-capping). Returns [B, heads, head_dim] in q's dtype.
+    (Gemma 2's logit soft-capping). With `sliding_window` W, a query reads only the last W tokens of
+    its context (Mistral), a per-layer constant, so a captured graph stays valid. Returns [B, heads,
+    head_dim] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
     two_kv_heads, _, block_size, cache_dim = kv_cache.shape
@@ -251,6 +258,7 @@ def paged_attention_decode(
         context_lens,
         scale,
         softcap or 1.0,
+        sliding_window or 0,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -295,6 +303,7 @@ def paged_attention_decode_reference(
     context_lens: torch.Tensor,
     scale: float,
     softcap: float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch `paged_attention_decode`, one sequence at a time, softmax in float32."""
     batch, num_heads, head_dim = q.shape
@@ -307,6 +316,8 @@ def paged_attention_decode_reference(
             continue
         blocks = block_tables[b, : (n - 1) // block_size + 1].long()
         ctx = kv_cache[:, blocks].reshape(2 * num_kv_heads, -1, head_dim)[:, :n].float()  # [2*Hkv, n, D]
+        if sliding_window is not None:
+            ctx = ctx[:, max(n - sliding_window, 0) :]
         k = ctx[:num_kv_heads].repeat_interleave(group, dim=0)
         v = ctx[num_kv_heads:].repeat_interleave(group, dim=0)
         scores = torch.einsum("hd,hnd->hn", q[b].float() * scale, k)

@@ -110,10 +110,13 @@ class AttentionMetadata:
             self.derived[key] = rows
         return rows
 
-    def decode_bias(self, num_kv_heads: int, block_size: int) -> torch.Tensor:
-        """float32 additive mask over the gathered slots: 0 within each query's context, -inf past it.
+    def decode_bias(
+        self, num_kv_heads: int, block_size: int, sliding_window: int | None = None
+    ) -> torch.Tensor:
+        """float32 additive mask over the gathered slots: 0 within each query's context, -inf past it
+        (and, with a sliding window W, before its last W tokens).
         [num_kv_heads * num_decodes, 1, slots], or [1, 1, slots] for a single query."""
-        key = ("bias", num_kv_heads, block_size)
+        key = ("bias", num_kv_heads, block_size, sliding_window)
         bias = self.derived.get(key)
         if bias is None:
             device = self.decode_blocks.device
@@ -121,6 +124,8 @@ class AttentionMetadata:
             lens = torch.tensor(self.decode_context_lens, device=device)
             bias = torch.zeros(len(lens), len(slots), device=device)
             bias.masked_fill_(slots[None, :] >= lens[:, None], float("-inf"))
+            if sliding_window is not None:
+                bias.masked_fill_(slots[None, :] < lens[:, None] - sliding_window, float("-inf"))
             if len(lens) > 1:
                 bias = bias.repeat(num_kv_heads, 1)
             bias = bias[:, None, :]
@@ -157,6 +162,7 @@ class Attention(nn.Module):
         head_dim: int,
         scale: float | None = None,
         softcap: float | None = None,
+        sliding_window: int | None = None,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -165,6 +171,8 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         # Logit soft-capping (Gemma 2): scores become softcap * tanh(scores / softcap) before the mask.
         self.softcap = softcap
+        # Sliding window W (Mistral): a query at position p sees keys at positions p - W < k <= p.
+        self.sliding_window = sliding_window
         # [2 * num_kv_heads, num_blocks, block_size, head_dim]; k_cache / v_cache are its two halves,
         # [num_kv_heads, num_blocks, block_size, head_dim] each. Bound by `allocate_cache`.
         self.kv_cache: torch.Tensor | None = None
@@ -242,6 +250,8 @@ class Attention(nn.Module):
         # q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D]
         if self.softcap is not None:
             return self._softcapped(q, k, v, **kw)
+        if self.sliding_window is not None and kw.pop("is_causal", False):
+            kw["attn_mask"] = _chunk_causal_mask(q.shape[-2], k.shape[-2], q.device, self.sliding_window)
         return F.scaled_dot_product_attention(
             q, k, v, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads, **kw
         )
@@ -259,9 +269,10 @@ class Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if is_causal:
-            attn_mask = _chunk_causal_mask(q.shape[-2], k.shape[-2], q.device)
+            attn_mask = _chunk_causal_mask(q.shape[-2], k.shape[-2], q.device, self.sliding_window)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
@@ -304,7 +315,7 @@ class Attention(nn.Module):
                 o = self._sdpa(qc, ctx[None, :hkv], ctx[None, hkv:], is_causal=True)
             else:
                 ctx = self._slots.index_select(1, chunk.context_slots).to(q.dtype)  # [2*Hkv, L, D]
-                mask = _chunk_causal_mask(n, chunk.context_len, q.device)
+                mask = _chunk_causal_mask(n, chunk.context_len, q.device, self.sliding_window)
                 o = self._sdpa(qc, ctx[None, :hkv], ctx[None, hkv:], attn_mask=mask)
             out[s : s + n] = o[0].transpose(0, 1).reshape(n, -1)
         return out
@@ -314,6 +325,11 @@ class Attention(nn.Module):
         the end of each context, so a chunk after a cached prefix sees the prefix and its own past).
         q [Tq, heads*dim] and kv [Tq, 2*kv_heads, dim] are the packed chunks' new tokens."""
         hkv = self.num_kv_heads
+        # FlashAttention's window: query i (aligned to its context's end at position p) sees keys
+        # p - left .. p + right, so left = W - 1 keeps p - W < k <= p.
+        window = {}
+        if self.sliding_window is not None:
+            window = {"window_size_left": self.sliding_window - 1, "window_size_right": 0}
         if layout.context_slots is None:
             keys, values = kv[:, :hkv], kv[:, hkv:]
         else:  # K/V of whole contexts, read back from the cache (already holding this step's tokens)
@@ -332,6 +348,7 @@ class Attention(nn.Module):
             True,
             False,
             scale=self.scale,
+            **window,
         )[0]
         return out.view(q.shape[0], -1)
 
@@ -356,6 +373,8 @@ class Attention(nn.Module):
         q_pos = q_index - cu_q[q_seq] + cached[q_seq]
         k_pos = k_index - cu_k[k_seq]
         mask = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+        if self.sliding_window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
         qh = q.view(q.shape[0], self.num_heads, dim).transpose(0, 1)[None]
         o = self._softcapped(qh, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask)
         return o[0].transpose(0, 1).reshape(q.shape[0], -1)
@@ -383,6 +402,7 @@ class Attention(nn.Module):
                 self.scale,
                 arrivals=self._arrivals,
                 softcap=self.softcap,
+                sliding_window=self.sliding_window,
             )
             return out.view(b, -1)
         hkv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
@@ -392,7 +412,7 @@ class Attention(nn.Module):
         kv = self._rows.index_select(0, rows).float().view(2, hkv * b, width, dim)
         qg = q.view(b, hkv, group, dim)
         qg = qg.view(hkv, group, dim) if b == 1 else qg.transpose(0, 1).reshape(hkv * b, group, dim)
-        bias = meta.decode_bias(hkv, block_size)
+        bias = meta.decode_bias(hkv, block_size, self.sliding_window)
         if self.softcap is None:
             scores = torch.baddbmm(bias, qg.float(), kv[0].transpose(1, 2), alpha=self.scale)  # [Hkv*B, G, L]
         else:
@@ -412,8 +432,13 @@ def _bytes(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(torch.uint8) if cache.dtype in FP8_DTYPES else cache
 
 
-def _chunk_causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
-    """Query i of a chunk sits at position context_len - query_len + i and sees keys up to it."""
+def _chunk_causal_mask(
+    query_len: int, context_len: int, device: torch.device, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Query i of a chunk sits at position p = context_len - query_len + i and sees keys up to it; with a
+    sliding window W, only keys after p - W (transformers' sliding_window_overlay)."""
     q_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
     k_pos = torch.arange(context_len, device=device)[None, :]
-    return k_pos <= q_pos
+    if sliding_window is None:
+        return k_pos <= q_pos
+    return (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)

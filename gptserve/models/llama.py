@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = column_parallel_linear(hidden, qkv_size, bias=bias or config.qkv_bias)
         self.o_proj = row_parallel_linear(config.num_heads * head_dim, hidden, bias=bias)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(heads, kv_heads, head_dim)
+        self.attn = Attention(heads, kv_heads, head_dim, sliding_window=config.sliding_window)
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
