@@ -1,6 +1,7 @@
 """The Triton decode-attention kernel with a sliding window (Mistral) against its plain-PyTorch reference,
-and the reference against dense attention over the window's last tokens, on fresh random inputs (GPU
-only); contexts reach past the window, so reading the whole context fails."""
+and the reference against dense attention over the window's last tokens, on fresh random inputs; a
+half-precision paged step on CUDA (FlashAttention's windowed varlen prefill and the kernel) against dense
+attention under the window's mask (GPU only). Contexts reach past the window, so ignoring it fails."""
 
 from __future__ import annotations
 
@@ -49,3 +50,12 @@ def test_paged_decode_sliding_window_matches_reference(splits, dtype):
     )  # fmt: skip
     error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert error < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_paged_step_keeps_to_the_window(dtype):
+    from tests.layers.test_attention_sliding_window import windowed_paged_step
+
+    out, expected, whole = windowed_paged_step(torch.device("cuda"), dtype)
+    assert (out - expected).abs().max() < 5e-2 * expected.abs().max()
+    assert (out - whole).abs().max() > 1e-1

@@ -56,17 +56,20 @@ def test_causal_attention_keeps_to_the_window():
     assert (softcapped - windowed_reference(q, k, v, WINDOW, softcap=2.0)).abs().max() < 1e-5
 
 
-def test_one_paged_step_of_decodes_and_prefill_chunks():
-    """Decodes at contexts 30 and 5, a fresh 18-token prompt, and 8 tokens after 12 cached ones."""
+def windowed_paged_step(
+    device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One paged step with decodes at contexts 30 and 5, 8 new tokens after 12 cached ones and a fresh
+    18-token prompt, window 8, run on `device` in `dtype`: (output, windowed reference, whole-context
+    reference), the references in float32."""
     g = torch.Generator().manual_seed(1)
     lengths, firsts, starts = (30, 5, 20, 18), (29, 4, 12, 0), (0, 32, 40, 64)  # tokens, cached, slot 0
     seqs = [random_sequence(n, g) for n in lengths]
     attn = Attention(HEADS, KV_HEADS, DIM, sliding_window=WINDOW)
-    attn.allocate_cache(24, BLOCK, torch.float32, torch.device("cpu"))
-    slots = [torch.arange(s, s + n) for s, n in zip(starts, lengths)]
+    attn.allocate_cache(24, BLOCK, dtype, device)
+    slots = [torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)]
     for (_, k, v), slot, cached in zip(seqs, slots, firsts):  # what earlier steps wrote
-        attn._slots[:, slot[:cached]] = packed_kv(k[:cached], v[:cached]).transpose(0, 1)
-    decode_blocks = torch.tensor([list(range(8)), [8, 9] + [0] * 6])
+        attn._slots[:, slot[:cached]] = packed_kv(k[:cached], v[:cached]).transpose(0, 1).to(device, dtype)
     chunks, offset = [], 2
     for index in (2, 3):
         n = lengths[index] - firsts[index]
@@ -75,19 +78,24 @@ def test_one_paged_step_of_decodes_and_prefill_chunks():
     meta = AttentionMetadata(
         slot_mapping=torch.cat([slot[cached:] for slot, cached in zip(slots, firsts)]),
         num_decode_tokens=2,
-        decode_blocks=decode_blocks,
+        decode_blocks=torch.tensor([list(range(8)), [8, 9] + [0] * 6], device=device),
         decode_context_lens=[30, 5],
         prefills=chunks,
     )
-    q = torch.cat([s[0][cached:] for s, cached in zip(seqs, firsts)])
-    k = torch.cat([s[1][cached:] for s, cached in zip(seqs, firsts)])
-    v = torch.cat([s[2][cached:] for s, cached in zip(seqs, firsts)])
+    q, k, v = (
+        torch.cat([s[i][cached:] for s, cached in zip(seqs, firsts)]).to(device, dtype) for i in range(3)
+    )
     with attention_context(meta):
         out = attn(q, k, v)
     expected = torch.cat([windowed_reference(*s, WINDOW)[cached:] for s, cached in zip(seqs, firsts)])
+    whole = torch.cat([windowed_reference(*s, None)[cached:] for s, cached in zip(seqs, firsts)])
+    return out.float().cpu(), expected, whole
+
+
+def test_one_paged_step_of_decodes_and_prefill_chunks():
+    out, expected, whole = windowed_paged_step(torch.device("cpu"), torch.float32)
     assert (out - expected).abs().max() < 1e-4
-    unwindowed = torch.cat([windowed_reference(*s, None)[cached:] for s, cached in zip(seqs, firsts)])
-    assert (out - unwindowed).abs().max() > 1e-2
+    assert (out - whole).abs().max() > 1e-2
 
 
 def test_masked_prefill_over_a_cached_prefix_keeps_to_the_window():
