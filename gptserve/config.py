@@ -246,14 +246,8 @@ class ModelConfig:
     @classmethod
     def _from_phi3(cls, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
         """Phi-3 (and Phi-4-mini): Llama's math with q|k|v and gate|up already fused in the checkpoint,
-        LongRoPE ("su") scaling and, in some, partial rotary."""
-        window, max_positions = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 4096)
-        if window and window < max_positions:
-            raise ModelLoadError(
-                f"phi3 config sets sliding_window {window} below max_position_embeddings {max_positions}: "
-                "sliding-window attention is not supported (Phi-3-mini-128k, Phi-3.5 and Phi-4-mini set "
-                "a window past their context and load)"
-            )
+        LongRoPE ("su") scaling, in some partial rotary, in some a sliding window on every layer."""
+        max_positions = cfg.get("max_position_embeddings", 4096)
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         partial = cfg.get("partial_rotary_factor") or _rope_parameters(cfg).get("partial_rotary_factor", 1.0)
@@ -274,6 +268,7 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rotary_dim=int(head_dim * partial),
+            sliding_window=cfg.get("sliding_window"),
             rope_theta=_rope_theta(cfg, 10000.0),
             rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
@@ -285,18 +280,13 @@ class ModelConfig:
     def _from_gemma(cls, arch: str, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
         """Gemma 2 and Gemma 3 (text): local (sliding-window) and global layers, attention scaled by
         query_pre_attn_scalar; Gemma 2 soft-caps attention scores, both may soft-cap the final logits;
-        Gemma 3's local layers have their own RoPE base. Sliding-window attention is not applied yet, so
-        the context is limited to the window, where it makes no difference."""
+        Gemma 3's local layers have their own RoPE base."""
         heads = cfg["num_attention_heads"]
         num_layers = cfg["num_hidden_layers"]
         pattern = 2 if arch == "gemma2" else cfg.get("sliding_window_pattern") or 6
         types = cfg.get("layer_types") or [
             "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
         ]
-        window = cfg.get("sliding_window")
-        max_positions = cfg.get("max_position_embeddings", 8192)
-        if window and "sliding_attention" in types:
-            max_positions = min(max_positions, window)
         params = _rope_parameters(cfg)
         if "full_attention" in params:  # per layer kind, as transformers 5 writes Gemma 3's
             full, local = params["full_attention"] or {}, params.get("sliding_attention") or {}
@@ -317,7 +307,7 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             intermediate_size=cfg["intermediate_size"],
-            max_position_embeddings=max_positions,
+            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rotary_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rope_theta=theta,
@@ -329,7 +319,7 @@ class ModelConfig:
             attn_logit_softcap=cfg.get("attn_logit_softcapping") if arch == "gemma2" else None,
             final_logit_softcap=cfg.get("final_logit_softcapping"),
             layer_types=list(types),
-            sliding_window=window,
+            sliding_window=cfg.get("sliding_window"),
             local_rope_theta=local_theta if arch == "gemma3" else theta,
             **common,
         )

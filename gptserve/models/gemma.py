@@ -7,8 +7,8 @@
 - Attention scales scores by query_pre_attn_scalar ** -0.5; Gemma 2 soft-caps them (Attention's
   `softcap`); Gemma 3 norms each q and k head (`q_norm`, `k_norm`) before the rotary embedding.
 - Layers alternate local (sliding-window) and global attention (`config.layer_types`); Gemma 3's local
-  layers rotate with their own base (`config.local_rope_theta`). The window itself is not applied: the
-  config limits the context to it, where local and global attention agree.
+  layers rotate with their own base (`config.local_rope_theta`) and see only the last
+  `config.sliding_window` positions.
 - The final logits may be soft-capped; the LM head is tied to the embeddings.
 """
 
@@ -43,7 +43,10 @@ class GemmaAttention(nn.Module):
         if self.per_head_norms:
             self.q_norm = GemmaRMSNorm(head_dim, config.norm_eps)
             self.k_norm = GemmaRMSNorm(head_dim, config.norm_eps)
-        self.attn = Attention(heads, kv_heads, head_dim, config.attention_scale, config.attn_logit_softcap)
+        window = config.sliding_window if sliding else None
+        self.attn = Attention(
+            heads, kv_heads, head_dim, config.attention_scale, config.attn_logit_softcap, window
+        )
 
     def forward(self, rotary_emb: RotaryEmbedding, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)

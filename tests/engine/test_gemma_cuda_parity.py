@@ -1,7 +1,8 @@
 """On a GPU, Gemma 2 and Gemma 3 generate what transformers (eager attention) generates on the same device
 in the same dtype, decode steps replayed from CUDA graphs and run eagerly (GPU only): Gemma 2's
 soft-capped scores go through the Triton decode kernel and, in half precision, the capped all-chunks
-prefill (a captured prefill graph with CUDA graphs on). Tolerances as in test_cuda_parity.py."""
+prefill (a captured prefill graph with CUDA graphs on); the local layers' window (16) is shorter than
+the sequences. Tolerances as in test_cuda_parity.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_gpu_greedy_matches_transformers(arch, dtype, enforce_eager, tmp_path):
-    hf_model = build_tiny_gemma(arch, tmp_path, num_hidden_layers=2).to("cuda", DTYPES[dtype])
+    hf_model = build_tiny_gemma(arch, tmp_path, num_hidden_layers=2, sliding_window=16)
+    hf_model = hf_model.to("cuda", DTYPES[dtype])
     engine = dict(dtype=dtype, device="cuda", max_num_batched_tokens=64, enforce_eager=enforce_eager)
     llm = LLM(str(tmp_path), **engine)
     assert (llm.engine.runner.graphs is None) == enforce_eager

@@ -1,6 +1,6 @@
 """Gemma 2 and Gemma 3 through the engine: greedy tokens and top-5 log-probabilities equal transformers'
-`generate` (eager attention) for prompts of different lengths batched together. Every sequence stays
-shorter than the sliding window."""
+`generate` (eager attention) for prompts of different lengths batched together, the local layers' window
+(16) shorter than every sequence but the first prompt."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ LENGTHS = [5, 23, 41]
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_greedy_and_logprobs_match_transformers(arch, tmp_path):
-    hf_model = build_tiny_gemma(arch, tmp_path, num_hidden_layers=2)  # one local, one global layer
+    hf_model = build_tiny_gemma(arch, tmp_path, num_hidden_layers=2, sliding_window=16)  # local, global
     llm = LLM(str(tmp_path), dtype="fp32", device="cpu", max_num_batched_tokens=48)
     prompts = random_prompts(len(LENGTHS), hf_model.config.vocab_size, LENGTHS, seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True)

@@ -15,6 +15,8 @@ CASES = {
     "gemma2-mha-untied": ("gemma2", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "gemma3-local-rope-linear-global": ("gemma3", {}),
     "gemma3-final-softcap-3-layers": ("gemma3", dict(num_hidden_layers=3, final_logit_softcapping=3.0)),
+    "gemma2-window-16": ("gemma2", dict(sliding_window=16)),  # 48 tokens: the local layers slide
+    "gemma3-window-16": ("gemma3", dict(sliding_window=16)),
 }
 
 
@@ -44,7 +46,9 @@ def test_gemma2_config():
     assert config.layer_types == ["sliding_attention", "full_attention"] * 2
     assert (config.attn_logit_softcap, config.final_logit_softcap) == (5.0, 3.0)
     assert config.attention_scale == 24**-0.5 and config.activation == "gelu_pytorch_tanh"
-    assert config.max_position_embeddings == 128  # the window: sliding-window attention is not applied
+    assert (config.max_position_embeddings, config.sliding_window) == (512, 128)
+    attns = model_class(config)(config).attention_layers()
+    assert [attn.sliding_window for attn in attns] == [128, None] * 2
 
 
 def test_gemma3_config_old_and_new_rope_fields():
