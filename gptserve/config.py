@@ -84,8 +84,9 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     decoder_sparse_step: int = 1
     # Gemma 2/3: attention scale (query_pre_attn_scalar ** -0.5), soft-capping of attention scores and of
-    # the final logits, each layer's kind ("sliding_attention" | "full_attention"), the window of the
-    # sliding ones and their own RoPE base (Gemma 3).
+    # the final logits, each layer's kind ("sliding_attention" | "full_attention"; also Qwen2/Qwen3 with
+    # use_sliding_window), the window of the sliding ones (of every layer when layer_types is empty:
+    # Mistral, Mixtral, Phi-3) and their own RoPE base (Gemma 3).
     attention_scale: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
@@ -212,14 +213,9 @@ class ModelConfig:
 
     @classmethod
     def _from_qwen(cls, arch: str, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
-        """Qwen2 (Qwen2.5) and Qwen3: Llama's fields; Qwen2 biases q/k/v, Qwen3 norms each q and k head."""
-        sliding = _qwen_sliding_layers(cfg)
-        if sliding:
-            raise ModelLoadError(
-                f"{arch} config sets use_sliding_window (window {cfg['sliding_window']} on layers "
-                f"{sliding[0]}..{sliding[-1]}): sliding-window attention is not supported; released "
-                "Qwen2.5 and Qwen3 checkpoints set use_sliding_window false"
-            )
+        """Qwen2 (Qwen2.5) and Qwen3: Llama's fields; Qwen2 biases q/k/v, Qwen3 norms each q and k head.
+        A config with use_sliding_window gives its sliding layers (`layer_types`) the window."""
+        types = _qwen_layer_types(cfg)
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         return cls(
@@ -240,6 +236,9 @@ class ModelConfig:
             activation=cfg.get("hidden_act", "silu"),
             attention_bias=arch == "qwen3" and cfg.get("attention_bias", False),
             qkv_bias=arch == "qwen2",
+            # With use_sliding_window, the window applies to the sliding_attention layers only.
+            layer_types=types,
+            sliding_window=cfg["sliding_window"] if types else None,
             **common,
         )
 
@@ -328,20 +327,12 @@ class ModelConfig:
     def _from_moe(cls, arch: str, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
         """Mixtral (Llama's attention) and Qwen3-MoE (Qwen3's, per-head q/k norms): a sparse MoE MLP.
 
-        Mixtral's optional sliding window is not applied, so its context is limited to the window, where
-        it makes no difference; a Qwen3-MoE config that turns its window on is refused."""
-        if arch == "qwen3_moe" and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
-            raise ModelLoadError(
-                f"qwen3_moe config sets use_sliding_window (window {cfg['sliding_window']}): sliding-window "
-                "attention is not supported; released Qwen3-MoE checkpoints set use_sliding_window false"
-            )
+        Mixtral's optional sliding window, and Qwen3-MoE's when use_sliding_window is set, apply to every
+        layer, as in transformers."""
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        max_positions = cfg.get("max_position_embeddings", 32768)
-        window = cfg.get("sliding_window") if arch == "mixtral" else None
-        if window:
-            max_positions = min(max_positions, window)
         mixtral = arch == "mixtral"
+        window = cfg.get("sliding_window") if mixtral or cfg.get("use_sliding_window") else None
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -351,7 +342,7 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             intermediate_size=cfg["intermediate_size"],
-            max_position_embeddings=max_positions,
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
             norm_eps=cfg.get("rms_norm_eps", 1e-5 if mixtral else 1e-6),
             rotary_dim=head_dim,
             rope_theta=_rope_theta(cfg, 1000000.0 if mixtral else 10000.0),
@@ -365,8 +356,16 @@ class ModelConfig:
             moe_intermediate_size=cfg["intermediate_size"] if mixtral else cfg["moe_intermediate_size"],
             mlp_only_layers=[] if mixtral else list(cfg.get("mlp_only_layers") or []),
             decoder_sparse_step=1 if mixtral else cfg.get("decoder_sparse_step") or 1,
+            sliding_window=window or None,
             **common,
         )
+
+    def sliding_window_for(self, layer: int) -> int | None:
+        """The window layer `layer` attends within: `sliding_window` on every layer when `layer_types` is
+        empty, else on its sliding_attention layers only; None for full attention."""
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether layer `layer` has a sparse MoE MLP (else a dense one), as transformers decides."""
@@ -394,9 +393,10 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return None if kind == "default" else dict(scaling, rope_type=kind)
 
 
-def _qwen_sliding_layers(cfg: dict[str, Any]) -> list[int]:
-    """The layers a Qwen2/Qwen3 config gives a sliding window, as transformers reads it: none unless
-    use_sliding_window and a window are set; then `layer_types`, or every layer from max_window_layers."""
+def _qwen_layer_types(cfg: dict[str, Any]) -> list[str]:
+    """Each layer's kind in a Qwen2/Qwen3 config, as transformers reads it, or [] when none slides: no
+    layer unless use_sliding_window and a window are set; then `layer_types`, or every layer from
+    max_window_layers on."""
     if not (cfg.get("use_sliding_window") and cfg.get("sliding_window")):
         return []
     num_layers = cfg["num_hidden_layers"]
@@ -404,7 +404,7 @@ def _qwen_sliding_layers(cfg: dict[str, Any]) -> list[int]:
         "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
         for i in range(num_layers)
     ]
-    return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    return list(types) if "sliding_attention" in types else []
 
 
 def _neox_partial_rotary(cfg: dict[str, Any]) -> float:

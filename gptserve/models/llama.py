@@ -25,7 +25,7 @@ from gptserve.models.weights import load_hf_weights
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, layer: int):
         super().__init__()
         heads, kv_heads = divide(config.num_heads), divide(config.num_kv_heads)  # this rank's heads
         self.q_size, self.kv_size = heads * config.head_dim, kv_heads * config.head_dim
@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = column_parallel_linear(hidden, qkv_size, bias=bias or config.qkv_bias)
         self.o_proj = row_parallel_linear(config.num_heads * head_dim, hidden, bias=bias)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(heads, kv_heads, head_dim, sliding_window=config.sliding_window)
+        self.attn = Attention(heads, kv_heads, head_dim, sliding_window=config.sliding_window_for(layer))
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -58,11 +58,12 @@ class LlamaDecoderLayer(nn.Module):
         self,
         config: ModelConfig,
         rotary_emb: RotaryEmbedding,
+        layer: int,
         attention: type[LlamaAttention] = LlamaAttention,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = attention(config, rotary_emb)
+        self.self_attn = attention(config, rotary_emb, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -81,7 +82,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config)
         self.embed_tokens = vocab_parallel_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb, attention) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, rotary_emb, i, attention) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 

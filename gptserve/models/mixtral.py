@@ -45,13 +45,14 @@ class MoeDecoderLayer(nn.Module):
         self,
         config: ModelConfig,
         rotary_emb: RotaryEmbedding,
+        layer: int,
         attention: type[LlamaAttention],
         mlp_name: str,
         sparse: bool,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = attention(config, rotary_emb)
+        self.self_attn = attention(config, rotary_emb, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp_name = mlp_name
         setattr(self, mlp_name, sparse_moe_block(config) if sparse else LlamaMLP(config))
@@ -70,7 +71,7 @@ class MoeModel(nn.Module):
         self.rotary_emb = rotary_emb = RotaryEmbedding.from_config(config)
         self.embed_tokens = vocab_parallel_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            MoeDecoderLayer(config, rotary_emb, attention, mlp_name, config.is_moe_layer(i))
+            MoeDecoderLayer(config, rotary_emb, i, attention, mlp_name, config.is_moe_layer(i))
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)

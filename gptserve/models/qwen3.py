@@ -18,8 +18,8 @@ from gptserve.models.llama import LlamaAttention, LlamaForCausalLM
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding):
-        super().__init__(config, rotary_emb)
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, layer: int):
+        super().__init__(config, rotary_emb, layer)
         self.head_dim = config.head_dim
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps)

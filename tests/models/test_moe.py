@@ -116,14 +116,6 @@ def test_configs():
     assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (192, 64)
 
 
-def test_window_limits_mixtral_context_and_qwen3_moe_window_is_refused():
-    mixtral = ModelConfig.from_hf(moe_hf_config("mixtral", sliding_window=64).to_dict())
-    assert mixtral.max_position_embeddings == 64
-    qwen = moe_hf_config("qwen3_moe", use_sliding_window=True, sliding_window=64).to_dict()
-    with pytest.raises(ModelLoadError, match="use_sliding_window"):
-        ModelConfig.from_hf(qwen)
-
-
 @pytest.mark.parametrize(
     "case,dropped",
     [

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gptserve.config import ModelConfig
-from gptserve.errors import ModelLoadError
 from gptserve.models.qwen3 import Qwen3Attention
 from gptserve.models.registry import model_class
 from tests.tiny_qwen import build_tiny_qwen, qwen_hf_config
@@ -77,16 +76,6 @@ def test_qwen3_config_and_per_head_norms():
     assert attn.qkv_proj.bias is None and attn.o_proj.bias is None
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_sliding_window_config_is_refused(arch):
-    config = qwen_hf_config(arch, use_sliding_window=True, sliding_window=64, max_window_layers=1).to_dict()
-    with pytest.raises(ModelLoadError, match=r"window 64 on layers 1\.\.1\): sliding-window .* not"):
-        ModelConfig.from_hf(config)
-    config.pop("layer_types")  # as configs older than transformers' layer_types have it
-    with pytest.raises(ModelLoadError, match="use_sliding_window"):
-        ModelConfig.from_hf(config)
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -97,6 +86,8 @@ def test_sliding_window_config_is_refused(arch):
 )
 def test_configs_without_sliding_layers_load(overrides):
     config = qwen_hf_config("qwen2", **overrides).to_dict()
-    assert ModelConfig.from_hf(config).num_layers == 2
+    loaded = ModelConfig.from_hf(config)
+    assert loaded.num_layers == 2 and [loaded.sliding_window_for(i) for i in range(2)] == [None, None]
     config.pop("layer_types")
-    assert ModelConfig.from_hf(config).num_layers == 2
+    loaded = ModelConfig.from_hf(config)
+    assert loaded.num_layers == 2 and [loaded.sliding_window_for(i) for i in range(2)] == [None, None]
