@@ -2,11 +2,14 @@
 
 Used by `gptserve client --protocol openai` (one prompt per request) and by `gptserve chat`
 (`stream_chat`). Bad words become `logit_bias` -100 on their token (the server's `/tokenize` tells which);
-a bad word of several tokens cannot be expressed that way and is refused, as is beam search.
+a bad word of several tokens cannot be expressed that way and is refused, as is beam search. A JSON schema
+goes to chat completions as OpenAI's strict `response_format`, and to completions, where OpenAI has no
+such field, as vLLM's `guided_json`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +26,15 @@ def api_base(url: str) -> str:
     if "://" not in url:
         url = f"http://{url}"
     return url if url.endswith("/v1") else f"{url}/v1"
+
+
+def structured_body(options: Options, chat: bool) -> dict[str, Any]:
+    """The request field that constrains the answer to `options.json_schema`."""
+    if chat:
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", options.json_schema_name)[:64] or "schema"
+        schema = {"name": name, "schema": options.json_schema, "strict": True}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    return {"guided_json": options.json_schema}
 
 
 class OpenAIClient:
@@ -97,6 +109,8 @@ class OpenAIClient:
             path, body["messages"] = "/chat/completions", [{"role": "user", "content": prompt}]
         else:
             path, body["prompt"] = "/completions", prompt
+        if options.json_schema is not None:
+            body.update(structured_body(options, chat))
         result = Result(index, prompt)
         start = time.perf_counter()
         if options.stream:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gptserve.errors import GptServeError
 
@@ -33,6 +34,8 @@ class Options:
     bad_words: list[str] = field(default_factory=list)
     stop_words: list[str] = field(default_factory=list)
     stream: bool = False
+    json_schema: dict[str, Any] | None = None  # every answer must be JSON that this schema accepts
+    json_schema_name: str = "schema"  # its name, where the protocol asks for one
 
     @property
     def greedy(self) -> bool:

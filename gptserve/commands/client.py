@@ -4,7 +4,8 @@ FasterTransformer's `end_to_end_test.py`.
 Prompts come from the arguments, `--file` (one per line, or JSON Lines) or standard input. Each prompt is
 one request; `--concurrency` requests are in flight at once. Over `--protocol http` and `grpc` the
 client speaks Triton's KServe v2 to the model's text form, FasterTransformer's ensemble or its token
-form, whichever the model has; over `openai` it uses `/v1/completions` (`--chat`: chat completions).
+form, whichever the model has; over `openai` it uses `/v1/completions` (`--chat`: chat completions), and
+`--json-schema FILE` constrains every answer to JSON that the file's schema accepts.
 Exit status: 0 when every request succeeded, 1 when some failed (each failure is printed with the
 server's message), 2 when the run could not start.
 """
@@ -12,11 +13,13 @@ server's message), 2 when the run could not start.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
 DEFAULT_URLS = {
     "http": "http://127.0.0.1:8000",
@@ -45,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="API key (default: $GPTSERVE_API_KEY)")
     p.add_argument("--http-url", help="gRPC only: the server's HTTP address, to tokenize bad/stop words")
     p.add_argument("--chat", action="store_true", help="openai only: send each prompt as a chat message")
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="openai only: every answer is JSON that this file's JSON schema accepts (sent as "
+        "response_format with --chat, else as guided_json)",
+    )
     p.add_argument(
         "--stream", action="store_true", help="stream the answers (and measure time to first text)"
     )
@@ -79,9 +88,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one request (600)")
 
 
+def _read_schema(path: str) -> dict:
+    """The JSON schema in the file at `path`; a `GptServeError` saying what is wrong with it."""
+    from gptserve.errors import GptServeError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise GptServeError(f"--json-schema: cannot read {path}: {reason}") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise GptServeError(f"--json-schema: {path} is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise GptServeError(f"--json-schema: {path} is not a JSON schema (a JSON object)")
+    return schema
+
+
 def _options(args: argparse.Namespace):
     from gptserve.client.types import Options
 
+    schema = None if args.json_schema is None else _read_schema(args.json_schema)
     return Options(
         max_tokens=args.max_tokens,
         beam_width=args.beam_width,
@@ -93,6 +121,8 @@ def _options(args: argparse.Namespace):
         bad_words=args.bad_words,
         stop_words=args.stop_words,
         stream=args.stream,
+        json_schema=schema,
+        json_schema_name=Path(args.json_schema).stem if args.json_schema else "schema",
     )
 
 
@@ -105,6 +135,10 @@ def _check(args: argparse.Namespace) -> None:
         raise GptServeError("--chat needs --protocol openai (Triton's text form has no chat template)")
     if args.beam_width > 1 and args.protocol == "openai":
         raise GptServeError("beam search is not part of the OpenAI protocol: use --protocol http or grpc")
+    if args.json_schema and args.protocol != "openai":
+        raise GptServeError(
+            "--json-schema needs --protocol openai (Triton's protocols have no structured-output field)"
+        )
     if args.http_url and args.protocol != "grpc":
         raise GptServeError("--http-url is for --protocol grpc")
 
