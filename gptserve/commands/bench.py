@@ -1,5 +1,6 @@
-"""`gptserve bench latency|throughput|serve|load`: benchmarks that print their figures and, when asked, a
-baseline measured in the same run; `load` is the server's bounded load test (pass or fail)."""
+"""`gptserve bench latency|throughput|grammar|serve|load`: benchmarks that print their figures and, when
+asked, a baseline measured in the same run (`grammar`: always, decoding unconstrained); `load` is the
+server's bounded load test (pass or fail)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from gptserve.errors import GptServeError
 MODES = {
     "latency": "gptserve.bench.latency",
     "throughput": "gptserve.bench.throughput",
+    "grammar": "gptserve.bench.grammar",
     "serve": "gptserve.bench.serve",
     "load": "gptserve.bench.load",
 }
-NEEDS_ENGINE = {"latency", "throughput"}
+NEEDS_ENGINE = {"latency", "throughput", "grammar"}
 
 
 def _summary(doc: str) -> str:
@@ -29,7 +31,7 @@ def _summary(doc: str) -> str:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from gptserve.cli import add_engine_args
 
-    p = sub.add_parser("bench", help="benchmarks (latency, throughput, serve, load)")
+    p = sub.add_parser("bench", help="benchmarks (latency, throughput, grammar, serve, load)")
     modes = p.add_subparsers(dest="mode", required=True)
     for mode, path in MODES.items():
         try:

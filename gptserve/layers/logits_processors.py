@@ -9,11 +9,14 @@ each stage runs on and in what order.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 _NEG_INF = float("-inf")
+# `index_reduce_` (the grammar mask) is marked beta in PyTorch; its "amin" is what the mask needs.
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 
 def add_logit_bias(
@@ -27,11 +30,29 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     """Set `logits[rows[i], t]` to -inf wherever bit `t % 32` of `bitmask[i, t // 32]` is clear, in place.
 
     `bitmask` is int32 [len(rows), ceil(vocab / 32)] on the logits' device (a grammar's allowed tokens).
+    Each byte of the mask becomes 8 bounds from a table (+inf where the token is allowed, -inf where it is
+    not) and every logit is lowered to its bound: the same values as a masked fill, except that a NaN
+    logit of a banned token stays NaN. On a 2-core CPU at batch 64 over a 49152-token vocabulary this
+    takes 2.7 ms against 20 ms for unpacking the bits with shifts and a masked fill (BENCHMARKS.md).
     """
     vocab = logits.shape[1]
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(bitmask.shape[0], -1)[:, :vocab]
-    logits[rows] = logits[rows].masked_fill(~allowed, _NEG_INF)
+    bounds = _byte_bounds(logits.device, logits.dtype)
+    # Little-endian words: byte k of word j holds the bits of tokens 32j + 8k .. 32j + 8k + 7.
+    per_token = bounds.index_select(0, bitmask.view(torch.uint8).view(-1).int()).view(len(bitmask), -1)
+    logits.index_reduce_(0, rows, per_token[:, :vocab], "amin")
+
+
+_BYTE_BOUNDS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _byte_bounds(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: entry (b, k) is +inf when bit k of byte b is set, else -inf."""
+    table = _BYTE_BOUNDS.get((device, dtype))
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
+        table = torch.where(bits.bool(), float("inf"), _NEG_INF).to(device=device, dtype=dtype)
+        _BYTE_BOUNDS[(device, dtype)] = table
+    return table
 
 
 def ban_tokens(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
