@@ -32,10 +32,13 @@ class GenerationDefaults:
     @classmethod
     def from_generation_config(cls, config: dict[str, Any], source: str) -> GenerationDefaults:
         """The recognised keys of a `generation_config.json`; the rest keep gptserve's defaults. A config
-        with `do_sample: false` asks for greedy decoding, as transformers reads it."""
+        with `do_sample: false` asks for greedy decoding, as transformers reads it; one with neither (only
+        token ids, as transformers writes beside every model) recommends nothing: gptserve's own."""
         values = {k: config[k] for k in GENERATION_CONFIG_KEYS if config.get(k) is not None}
         if config.get("do_sample") is False:
             values["temperature"] = 0.0
+        if not values:  # e.g. the file transformers writes beside every model: it recommends nothing
+            return cls()
         if "top_k" in values:
             values["top_k"] = int(values["top_k"])
         for key in ("temperature", "top_p", "min_p", "repetition_penalty"):

@@ -86,3 +86,13 @@ def test_convert_keeps_the_generation_config(model_dir, tmp_path):
         read_generation_defaults(tmp_path / "converted").values()
         == read_generation_defaults(model_dir).values()
     )
+
+
+def test_a_generation_config_with_only_token_ids_recommends_nothing():
+    """transformers writes such a file beside every model it saves: the Triton text form stays greedy."""
+    from gptserve.generation_defaults import GenerationDefaults
+
+    written = {"_from_model_config": True, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    assert GenerationDefaults.from_generation_config(written, "generation_config.json").is_builtin
+    greedy = GenerationDefaults.from_generation_config({"do_sample": False}, "generation_config.json")
+    assert not greedy.is_builtin and greedy.temperature == 0.0

@@ -189,7 +189,7 @@ def test_follow_up_turn_renders_the_call_and_its_result(target):
     assert "<tool_call>" in prompt and call.function.name in prompt
     assert "get_time" in prompt  # the tool list reached the model
     arguments = json.loads(call.function.arguments)
-    assert json.dumps(arguments)[1:-1] in prompt  # the arguments rendered as an object
+    assert json.dumps(arguments, ensure_ascii=False)[1:-1] in prompt  # the arguments rendered as an object
 
 
 @pytest.mark.parametrize(
