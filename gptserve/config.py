@@ -112,20 +112,9 @@ class ModelConfig:
         common = dict(bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos_ids, hf_config=cfg)
         try:
             if arch == "llama":
-                heads = cfg["num_attention_heads"]
-                head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
                 return cls(
                     architecture=arch,
-                    vocab_size=cfg["vocab_size"],
-                    hidden_size=cfg["hidden_size"],
-                    num_layers=cfg["num_hidden_layers"],
-                    num_heads=heads,
-                    num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                    head_dim=head_dim,
-                    intermediate_size=cfg["intermediate_size"],
-                    max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-                    norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                    rotary_dim=head_dim,
+                    **_llama_shape(cfg, max_positions=2048, norm_eps=1e-6),
                     rope_theta=_rope_theta(cfg, 10000.0),
                     rope_scaling=_rope_scaling(cfg),
                     tie_word_embeddings=cfg.get("tie_word_embeddings", False),
@@ -216,20 +205,9 @@ class ModelConfig:
         """Qwen2 (Qwen2.5) and Qwen3: Llama's fields; Qwen2 biases q/k/v, Qwen3 norms each q and k head.
         A config with use_sliding_window gives its sliding layers (`layer_types`) the window."""
         types = _qwen_layer_types(cfg)
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         return cls(
             architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            intermediate_size=cfg["intermediate_size"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rotary_dim=head_dim,
+            **_llama_shape(cfg, max_positions=32768, norm_eps=1e-6),
             rope_theta=_rope_theta(cfg, 10000.0),
             rope_scaling=_rope_scaling(cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
@@ -246,9 +224,7 @@ class ModelConfig:
     def _from_phi3(cls, cfg: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
         """Phi-3 (and Phi-4-mini): Llama's math with q|k|v and gate|up already fused in the checkpoint,
         LongRoPE ("su") scaling, in some partial rotary, in some a sliding window on every layer."""
-        max_positions = cfg.get("max_position_embeddings", 4096)
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        shape = _llama_shape(cfg, max_positions=4096, norm_eps=1e-5)
         partial = cfg.get("partial_rotary_factor") or _rope_parameters(cfg).get("partial_rotary_factor", 1.0)
         scaling = _rope_scaling(cfg)
         if scaling is not None and scaling["rope_type"] in ("su", "longrope"):
@@ -257,16 +233,7 @@ class ModelConfig:
             scaling = dict(scaling, rope_type="longrope", original_max_position_embeddings=original)
         return cls(
             architecture="phi3",
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            intermediate_size=cfg["intermediate_size"],
-            max_position_embeddings=max_positions,
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rotary_dim=int(head_dim * partial),
+            **{**shape, "rotary_dim": int(shape["head_dim"] * partial)},
             sliding_window=cfg.get("sliding_window"),
             rope_theta=_rope_theta(cfg, 10000.0),
             rope_scaling=scaling,
@@ -280,7 +247,6 @@ class ModelConfig:
         """Gemma 2 and Gemma 3 (text): local (sliding-window) and global layers, attention scaled by
         query_pre_attn_scalar; Gemma 2 soft-caps attention scores, both may soft-cap the final logits;
         Gemma 3's local layers have their own RoPE base."""
-        heads = cfg["num_attention_heads"]
         num_layers = cfg["num_hidden_layers"]
         pattern = 2 if arch == "gemma2" else cfg.get("sliding_window_pattern") or 6
         types = cfg.get("layer_types") or [
@@ -299,16 +265,7 @@ class ModelConfig:
             scaling = _rope_scaling(cfg)
         return cls(
             architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            intermediate_size=cfg["intermediate_size"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rotary_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            **_llama_shape(cfg, max_positions=8192, norm_eps=1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", True),
@@ -329,22 +286,11 @@ class ModelConfig:
 
         Mixtral's optional sliding window, and Qwen3-MoE's when use_sliding_window is set, apply to every
         layer, as in transformers."""
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         mixtral = arch == "mixtral"
         window = cfg.get("sliding_window") if mixtral or cfg.get("use_sliding_window") else None
         return cls(
             architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            intermediate_size=cfg["intermediate_size"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5 if mixtral else 1e-6),
-            rotary_dim=head_dim,
+            **_llama_shape(cfg, max_positions=32768, norm_eps=1e-5 if mixtral else 1e-6),
             rope_theta=_rope_theta(cfg, 1000000.0 if mixtral else 10000.0),
             rope_scaling=_rope_scaling(cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
@@ -374,6 +320,26 @@ class ModelConfig:
             and layer not in self.mlp_only_layers
             and (layer + 1) % self.decoder_sparse_step == 0
         )
+
+
+def _llama_shape(cfg: dict[str, Any], max_positions: int, norm_eps: float) -> dict[str, Any]:
+    """The shape fields every Llama-style config names alike (`num_hidden_layers`, `num_key_value_heads`,
+    `head_dim` or hidden / heads, `rms_norm_eps`, ...); the defaults are the family's. Rotary over the
+    whole head."""
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        intermediate_size=cfg["intermediate_size"],
+        max_position_embeddings=cfg.get("max_position_embeddings", max_positions),
+        norm_eps=cfg.get("rms_norm_eps", norm_eps),
+        rotary_dim=head_dim,
+    )
 
 
 def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
